@@ -1,0 +1,80 @@
+"""Typed training events: what `train()` emits and what a watcher of a job receives."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One optimizer step: the batch's own loss and accuracy (or mae for regression)."""
+
+    step: int
+    loss: float
+    accuracy: float | None
+    mae: float | None
+    learning_rate: float
+    steps_per_second: float
+    examples_per_second: float
+    time: float
+    kind: Literal["step"] = "step"
+
+
+@dataclass(frozen=True)
+class EvalEvent:
+    """An evaluation on the validation split (or the test split when there is none)."""
+
+    step: int
+    split: Literal["validation", "test"]
+    values: dict[str, float]
+    time: float
+    kind: Literal["eval"] = "eval"
+
+
+@dataclass(frozen=True)
+class CheckpointEvent:
+    step: int
+    path: str
+    time: float
+    kind: Literal["checkpoint"] = "checkpoint"
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """Something a person watching the job wants to read (data loaded, model built, ...)."""
+
+    message: str
+    time: float
+    level: Literal["info", "warning"] = "info"
+    kind: Literal["log"] = "log"
+
+
+@dataclass(frozen=True)
+class TrainingFailure:
+    reason: str
+    message: str
+    step: int | None = None
+
+
+@dataclass(frozen=True)
+class ResultEvent:
+    """The last event of a run."""
+
+    outcome: Literal["succeeded", "failed", "cancelled"]
+    steps: int
+    stop_reason: str
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    final_eval: dict[str, float] = field(default_factory=dict)
+    model_path: str | None = None
+    failure: TrainingFailure | None = None
+    duration_s: float = 0.0
+    time: float = 0.0
+    kind: Literal["result"] = "result"
+
+
+Event = StepEvent | EvalEvent | CheckpointEvent | LogEvent | ResultEvent
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    return asdict(event)

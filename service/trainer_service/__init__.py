@@ -1,0 +1,1 @@
+"""The training service: engine, registries, datasets (and later server, store, workers)."""

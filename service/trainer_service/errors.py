@@ -1,0 +1,21 @@
+"""Domain errors of the training engine. The api module maps them to gRPC codes in one table."""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """Base of every error the engine raises on purpose; `reason` is a stable short code."""
+
+    reason = "training_error"
+
+
+class DatasetUnavailable(TrainerError):
+    """The data could not be found locally and could not be downloaded."""
+
+    reason = "dataset_unavailable"
+
+
+class DatasetInvalid(TrainerError):
+    """The data exist but cannot feed this job (wrong arrays, shapes or labels)."""
+
+    reason = "dataset_invalid"

@@ -1,0 +1,65 @@
+"""Per-step loss and accuracy kept on the device and fetched once per window of steps.
+
+A Keras callback that reads values every step forces a device-to-host sync each step and costs a
+third of the throughput of a small model. Instead, a metric writes each step's batch loss and
+batch accuracy (or mae) into a ring buffer inside the compiled training loop, and returns the
+whole buffer as its result. Keras hands that result to callbacks once per `steps_per_execution`
+window, so the host fetches `window` values in one transfer. Being a metric, it works the same
+on the TensorFlow, JAX and PyTorch backends.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+STEP_LOSSES = "step_losses"
+STEP_VALUES = "step_values"
+STEP_COUNT = "step_count"
+
+
+class StepRecorder(keras.metrics.Metric):
+    """value: "sparse_accuracy" (integer labels), "argmax_accuracy" (one-hot labels),
+    "binary_accuracy" (one output unit, cut at `threshold`) or "mae" (regression)."""
+
+    def __init__(self, loss_fn, value: str, window: int, threshold: float = 0.5, **kwargs):
+        super().__init__(name="steps", **kwargs)
+        self.loss_fn = loss_fn
+        self.value = value
+        self.window = int(window)
+        self.threshold = float(threshold)
+        self.losses_buf = self.add_variable((self.window,), "zeros", "float32", name="losses")
+        self.values_buf = self.add_variable((self.window,), "zeros", "float32", name="values")
+        self.count = self.add_variable((), "zeros", "int32", name="count")
+
+    def _batch_value(self, y_true, y_pred):
+        if self.value == "mae":
+            y_true = ops.reshape(ops.cast(y_true, "float32"), ops.shape(y_pred))
+            return ops.mean(ops.abs(y_true - y_pred))
+        if self.value == "sparse_accuracy":
+            hit = ops.argmax(y_pred, axis=-1) == ops.reshape(ops.cast(y_true, "int32"), (-1,))
+        elif self.value == "binary_accuracy":
+            hit = (y_pred > self.threshold) == (ops.cast(y_true, "float32") > 0.5)
+        else:
+            hit = ops.argmax(y_pred, axis=-1) == ops.argmax(y_true, axis=-1)
+        return ops.mean(ops.cast(hit, "float32"))
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        y_pred = ops.cast(y_pred, "float32")
+        loss = ops.cast(self.loss_fn(y_true, y_pred), "float32")
+        value = self._batch_value(y_true, y_pred)
+        slot = ops.expand_dims(ops.mod(self.count, self.window), 0)
+        self.losses_buf.assign(ops.slice_update(self.losses_buf, slot, ops.reshape(loss, (1,))))
+        self.values_buf.assign(ops.slice_update(self.values_buf, slot, ops.reshape(value, (1,))))
+        self.count.assign(self.count + 1)
+
+    def reset_state(self):
+        # Keras resets metrics every epoch; the step history must run across epochs.
+        pass
+
+    def result(self):
+        return {
+            STEP_LOSSES: ops.convert_to_tensor(self.losses_buf),
+            STEP_VALUES: ops.convert_to_tensor(self.values_buf),
+            STEP_COUNT: ops.convert_to_tensor(self.count),
+        }
