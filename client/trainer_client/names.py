@@ -220,7 +220,9 @@ def valid_names(kind: str) -> list[str]:
 def canonical(kind: str, name: str) -> str:
     """Resolve `name` (any case, '-' or '_') to its canonical form or raise UnknownNameError."""
     if kind not in CANONICAL:
-        raise UnknownNameError(f"unknown kind {kind!r}; valid kinds: {', '.join(sorted(CANONICAL))}")
+        raise UnknownNameError(
+            f"unknown kind {kind!r}; valid kinds: {', '.join(sorted(CANONICAL))}"
+        )
     key = str(name).strip().lower().replace("-", "_")
     key = ALIASES.get(kind, {}).get(key, key)
     if key in CANONICAL[kind]:

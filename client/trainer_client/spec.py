@@ -278,7 +278,9 @@ class ScheduleSpec(_Spec):
         _only_options(self, names.SCHEDULES[self.name], self.name)
         if self.name == "piecewise_constant_decay":
             if not self.boundaries or not self.values:
-                raise _conflict("boundaries", "piecewise_constant_decay needs boundaries and values")
+                raise _conflict(
+                    "boundaries", "piecewise_constant_decay needs boundaries and values"
+                )
             if self.boundaries != sorted(set(self.boundaries)):
                 raise _conflict("boundaries", "boundaries must be strictly increasing steps")
             if len(self.values) != len(self.boundaries) + 1:
@@ -403,7 +405,9 @@ class DatasetSpec(_Spec):
 
 # ---------------------------------------------------------------- training, runtime
 
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+_DURATION = re.compile(
+    r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$"
+)
 
 
 def parse_duration(value: Any) -> float:
@@ -433,7 +437,9 @@ class TargetSpec(_Spec):
 
 
 class TrainingSpec(_Spec):
-    steps: PositiveInt | None = Field(None, description="Optimizer steps; 1000 when neither is set.")
+    steps: PositiveInt | None = Field(
+        None, description="Optimizer steps; 1000 when neither is set."
+    )
     epochs: PositiveInt | None = None
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 32
     shuffle: bool = True
@@ -474,6 +480,14 @@ class RuntimeSpec(_Spec):
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
 
+    @field_validator("steps_per_execution", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, v: Any) -> Any:
+        # Checked here so the error is one message, not one per member of the union.
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"must be a number of steps greater than 0, or 'auto'; got {v!r}")
+
 
 # ---------------------------------------------------------------- the job
 
@@ -498,7 +512,9 @@ class JobSpec(_Spec):
     @classmethod
     def _job_name(cls, v: str) -> str:
         if not _JOB_NAME.match(v):
-            raise ValueError("use 1-63 letters, digits, '_', '.', '-', starting with a letter/digit")
+            raise ValueError(
+                "use 1-63 letters, digits, '_', '.', '-', starting with a letter/digit"
+            )
         return v
 
     @field_validator("model", mode="before")
@@ -584,7 +600,9 @@ class JobSpec(_Spec):
         if isinstance(data, JobSpec):
             return data
         if not isinstance(data, Mapping):
-            raise SpecError([Problem("<root>", f"a job spec is a mapping, got {type(data).__name__}")])
+            raise SpecError(
+                [Problem("<root>", f"a job spec is a mapping, got {type(data).__name__}")]
+            )
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
@@ -642,47 +660,65 @@ def _problems(exc: ValidationError) -> list[Problem]:
 _CLASS_LOSSES_HINT = "mean_squared_error, mean_absolute_error, huber, log_cosh"
 
 
-def _conflicts(spec: JobSpec):  # noqa: C901 - one flat list of rules reads best
+def _conflicts(spec: JobSpec):
     """Yield (field, message) for each combination that cannot train."""
     assert spec.loss is not None
     loss, data, model, training = spec.loss, spec.dataset, spec.model, spec.training
     task, labels, kind = data.resolved_task, loss.info.labels, data.kind
 
     if task == "regression" and labels != "dense":
-        yield "loss.name", (
-            f"{loss.name} is a classification loss but dataset {data.name} is regression; "
-            f"use a regression loss such as {_CLASS_LOSSES_HINT}"
+        yield (
+            "loss.name",
+            (
+                f"{loss.name} is a classification loss but dataset {data.name} is regression; "
+                f"use a regression loss such as {_CLASS_LOSSES_HINT}"
+            ),
         )
     if task != "regression":
         if labels == "sparse" and data.one_hot:
-            yield "dataset.one_hot", (
-                f"{loss.name} takes integer class labels; remove one_hot: true, or use "
-                "categorical_crossentropy with one-hot labels"
+            yield (
+                "dataset.one_hot",
+                (
+                    f"{loss.name} takes integer class labels; remove one_hot: true, or use "
+                    "categorical_crossentropy with one-hot labels"
+                ),
             )
         if labels != "sparse" and data.one_hot is False:
-            yield "dataset.one_hot", (
-                f"{loss.name} needs one-hot labels; remove one_hot: false, or use "
-                "sparse_categorical_crossentropy with integer labels"
+            yield (
+                "dataset.one_hot",
+                (
+                    f"{loss.name} needs one-hot labels; remove one_hot: false, or use "
+                    "sparse_categorical_crossentropy with integer labels"
+                ),
             )
 
     act = model.output_activation
     if loss.logits and act in ("softmax", "sigmoid"):
-        yield "loss.from_logits", (
-            f"model.output_activation is {act}, so the outputs are probabilities, not logits; "
-            "set model.output_activation: linear, or from_logits: false"
+        yield (
+            "loss.from_logits",
+            (
+                f"model.output_activation is {act}, so the outputs are probabilities, not logits; "
+                "set model.output_activation: linear, or from_logits: false"
+            ),
         )
 
     image_layers = {"conv2d", "max_pool2d"}
     rnn_layers = set(names.RNN_CELLS)
     if model.architecture == "cnn" and kind not in ("image", None):
-        yield "model.architecture", (
-            f"cnn needs image data but dataset {data.name} is {kind}; use mlp, or an image "
-            "dataset (mnist, fashion_mnist, synthetic_images)"
+        yield (
+            "model.architecture",
+            (
+                f"cnn needs image data but dataset {data.name} is {kind}; use mlp, or an image "
+                "dataset (mnist, fashion_mnist, synthetic_images)"
+            ),
         )
     if model.architecture == "rnn" and kind == "tabular":
-        yield "model.architecture", (
-            f"rnn needs sequences (or images read row by row) but dataset {data.name} is "
-            "tabular; use mlp, or synthetic_sequence"
+        yield (
+            "model.architecture",
+            (
+                f"rnn needs sequences (or images read row by row) but dataset {data.name} is "
+                "tabular; use mlp, or synthetic_sequence"
+            ),
         )
     if model.architecture in ("cnn", "rnn") and data.flatten:
         yield "dataset.flatten", f"{model.architecture} reads unflattened inputs; remove flatten"
@@ -695,9 +731,12 @@ def _conflicts(spec: JobSpec):  # noqa: C901 - one flat list of rules reads best
             if layer.type in rnn_layers and kind == "tabular":
                 yield where, f"{layer.type} needs sequence input; dataset {data.name} is tabular"
             if layer.type == "embedding" and (i != 0 or not (data.tokens or kind is None)):
-                yield where, (
-                    "embedding must be the first layer and needs token ids (synthetic_sequence "
-                    "with vocab_size)"
+                yield (
+                    where,
+                    (
+                        "embedding must be the first layer and needs token ids (synthetic_sequence "
+                        "with vocab_size)"
+                    ),
                 )
             flat = flat or layer.type in ("flatten", "dense")
 
@@ -706,16 +745,22 @@ def _conflicts(spec: JobSpec):  # noqa: C901 - one flat list of rules reads best
         if task == "regression" and need != "regression":
             yield f"metrics.{i}", f"{metric} needs class labels; dataset {data.name} is regression"
         elif task == "classification" and need == "classification_dense" and labels == "sparse":
-            yield f"metrics.{i}", (
-                f"{metric} needs one-hot labels but {loss.name} takes integer labels; use "
-                "accuracy, or categorical_crossentropy"
+            yield (
+                f"metrics.{i}",
+                (
+                    f"{metric} needs one-hot labels but {loss.name} takes integer labels; use "
+                    "accuracy, or categorical_crossentropy"
+                ),
             )
         elif task == "classification" and need == "classification_sparse" and labels != "sparse":
             yield f"metrics.{i}", f"{metric} needs integer labels but {loss.name} takes one-hot"
         elif task == "classification" and need == "regression" and labels == "sparse":
-            yield f"metrics.{i}", (
-                f"{metric} compares values, but {loss.name} takes integer class labels; "
-                "use accuracy"
+            yield (
+                f"metrics.{i}",
+                (
+                    f"{metric} compares values, but {loss.name} takes integer class labels; "
+                    "use accuracy"
+                ),
             )
 
     evaluates = training.eval_every is not None
@@ -727,18 +772,23 @@ def _conflicts(spec: JobSpec):  # noqa: C901 - one flat list of rules reads best
         monitored = rule.monitor if isinstance(rule, EarlyStopping) else rule.metric
         if monitored not in spec.monitorable:
             sub = "monitor" if field == "early_stopping" else "metric"
-            yield f"training.{field}.{sub}", (
-                f"{monitored!r} is not reported; valid: {', '.join(sorted(spec.monitorable))}"
+            yield (
+                f"training.{field}.{sub}",
+                (f"{monitored!r} is not reported; valid: {', '.join(sorted(spec.monitorable))}"),
             )
     if evaluates and not (data.validation_split > 0 or data.evaluate_on_test):
-        yield "training.eval_every", (
-            "nothing to evaluate on; set dataset.validation_split or evaluate_on_test: true"
+        yield (
+            "training.eval_every",
+            ("nothing to evaluate on; set dataset.validation_split or evaluate_on_test: true"),
         )
 
     if data.num_samples is not None and training.batch_size > data.num_samples:
-        yield "training.batch_size", (
-            f"batch_size {training.batch_size} is larger than dataset.num_samples "
-            f"{data.num_samples}"
+        yield (
+            "training.batch_size",
+            (
+                f"batch_size {training.batch_size} is larger than dataset.num_samples "
+                f"{data.num_samples}"
+            ),
         )
     if spec.runtime.precision == "mixed_float16" and spec.runtime.device == "cpu":
         yield "runtime.precision", "mixed_float16 needs a GPU; on the CPU use mixed_bfloat16"

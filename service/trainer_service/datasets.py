@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from trainer_client.spec import DatasetSpec, JobSpec
+
 from trainer_service.errors import DatasetInvalid, DatasetUnavailable
 from trainer_service.registry import Registry
 
@@ -120,7 +120,11 @@ def _places(name: str, paths: DataPaths) -> list[tuple[Path, Callable[[Path], tu
             (paths.system_dir / "mnist", _from_idx_dir),
         ]
     return [
-        *((d / folder, _from_idx_dir) for d in mine for folder in ("fashion_mnist", "fashion-mnist")),
+        *(
+            (d / folder, _from_idx_dir)
+            for d in mine
+            for folder in ("fashion_mnist", "fashion-mnist")
+        ),
         (cache / "fashion-mnist", _from_idx_dir),
         (paths.system_dir / "fashion-mnist", _from_idx_dir),
     ]
@@ -162,7 +166,9 @@ def _image_set(name: str, paths: DataPaths) -> Arrays:
 
 def _images(found: tuple[np.ndarray, ...], source: str) -> Arrays:
     x, y, xt, yt = found
-    return Arrays(x, y.astype(np.int64), xt, yt.astype(np.int64), "image", "classification", 10, source)
+    return Arrays(
+        x, y.astype(np.int64), xt, yt.astype(np.int64), "image", "classification", 10, source
+    )
 
 
 # ---------------------------------------------------------------- generated sets
@@ -301,7 +307,9 @@ def _npz(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     task = spec.task or ("classification" if integer_labels else "regression")
     if task == "classification" and not integer_labels:
         raise DatasetInvalid(f"{path}: classification needs integer class labels in y")
-    num_classes = int(max(y.max(), yt.max() if yt is not None else 0)) + 1 if integer_labels else None
+    num_classes = (
+        int(max(y.max(), yt.max() if yt is not None else 0)) + 1 if integer_labels else None
+    )
     if x.ndim == 4 or (x.ndim == 3 and x.dtype == np.uint8):
         kind = "image"
     elif x.ndim == 3:
@@ -311,7 +319,9 @@ def _npz(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     y = y.reshape(len(y)) if integer_labels else y
     if yt is not None and integer_labels:
         yt = yt.reshape(len(yt))
-    return Arrays(x, y, xt, yt, kind, task, num_classes if task == "classification" else None, str(path))
+    return Arrays(
+        x, y, xt, yt, kind, task, num_classes if task == "classification" else None, str(path)
+    )
 
 
 LOADERS: Registry[Callable[[DatasetSpec, DataPaths, int], Arrays]] = Registry(

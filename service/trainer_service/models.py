@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
-
 from trainer_client import names
 from trainer_client.spec import JobSpec, LayerSpec
+
 from trainer_service.datasets import Data
 from trainer_service.registry import ACTIVATIONS, LAYERS, LayerContext, Registry
 
@@ -57,9 +57,7 @@ def _rnn(spec: JobSpec, data: Data, x: Tensor) -> Tensor:
     if data.tokens:
         x = keras.layers.Embedding(data.vocab_size or 2, m.embedding_dim)(x)
     for i, units in enumerate(m.units):
-        layer = _RNN[m.cell](
-            units, return_sequences=i < len(m.units) - 1, seed=spec.training.seed
-        )
+        layer = _RNN[m.cell](units, return_sequences=i < len(m.units) - 1, seed=spec.training.seed)
         x = keras.layers.Bidirectional(layer)(x) if m.bidirectional else layer(x)
     return _hidden(spec, x, m.dense_units)
 

@@ -13,7 +13,6 @@ from typing import Any, Generic, TypeVar
 
 import keras
 from keras import ops
-
 from trainer_client import names
 from trainer_client.spec import LayerSpec, LossSpec, OptimizerSpec, ScheduleSpec
 
@@ -97,9 +96,7 @@ LOSSES: Registry[Callable[[LossSpec], keras.losses.Loss]] = Registry(
         "mean_squared_logarithmic_error": _plain(L.MeanSquaredLogarithmicError),
         "poisson": _plain(L.Poisson),
         "sigmoid_cross_entropy_with_logits": lambda s: L.BinaryCrossentropy(from_logits=True),
-        "softmax_cross_entropy_with_logits": lambda s: L.CategoricalCrossentropy(
-            from_logits=True
-        ),
+        "softmax_cross_entropy_with_logits": lambda s: L.CategoricalCrossentropy(from_logits=True),
         "sparse_categorical_crossentropy": lambda s: L.SparseCategoricalCrossentropy(
             **_options(s, "from_logits")
         ),
@@ -138,19 +135,19 @@ SCHEDULES: Registry[Callable[[ScheduleSpec, float], Any]] = Registry(
     },
 )
 
-O = keras.optimizers
+OPT = keras.optimizers
 _OPTIMIZER_CLASSES: dict[str, type] = {
-    "adadelta": O.Adadelta,
-    "adagrad": O.Adagrad,
-    "adam": O.Adam,
-    "adamax": O.Adamax,
-    "adamw": O.AdamW,
-    "ftrl": O.Ftrl,
-    "lion": O.Lion,
-    "momentum": O.SGD,
-    "nadam": O.Nadam,
-    "rmsprop": O.RMSprop,
-    "sgd": O.SGD,
+    "adadelta": OPT.Adadelta,
+    "adagrad": OPT.Adagrad,
+    "adam": OPT.Adam,
+    "adamax": OPT.Adamax,
+    "adamw": OPT.AdamW,
+    "ftrl": OPT.Ftrl,
+    "lion": OPT.Lion,
+    "momentum": OPT.SGD,
+    "nadam": OPT.Nadam,
+    "rmsprop": OPT.RMSprop,
+    "sgd": OPT.SGD,
 }
 
 

@@ -1,0 +1,437 @@
+"""The job spec: defaults, aliases, loading, and a table of specs it must refuse."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from trainer_client import names
+from trainer_client.spec import JobSpec, SpecError, load_spec, parse_duration
+
+MNIST_MLP = {"dataset": "mnist", "model": "mlp"}
+
+# (case id, spec, the field the error must name, a phrase the message must contain)
+BAD_SPECS = [
+    ("unknown-top-field", {"epochz": 3}, "epochz", "unknown field"),
+    ("unknown-architecture", {"model": "transformer"}, "model", "cnn, layers, linear, mlp, rnn"),
+    (
+        "hidden-units-zero",
+        {"model": {"architecture": "mlp", "hidden_units": [0]}},
+        "model.hidden_units.0",
+        "greater than 0",
+    ),
+    (
+        "dropout-one",
+        {"model": {"architecture": "mlp", "dropout": 1.0}},
+        "model.dropout",
+        "less than 1",
+    ),
+    (
+        "unknown-activation",
+        {"model": {"architecture": "mlp", "activation": "relu7"}},
+        "model.activation",
+        "relu6",
+    ),
+    (
+        "unknown-output-activation",
+        {"model": {"architecture": "linear", "output_activation": "x"}},
+        "model.output_activation",
+        "valid activation names",
+    ),
+    (
+        "mlp-field-on-cnn",
+        {"model": {"architecture": "cnn", "hidden_units": [3]}},
+        "model.hidden_units",
+        "unknown field",
+    ),
+    (
+        "cnn-empty-filters",
+        {"model": {"architecture": "cnn", "filters": []}},
+        "model.filters",
+        "at least 1",
+    ),
+    (
+        "rnn-bad-cell",
+        {"model": {"architecture": "rnn", "cell": "transformer"}},
+        "model.cell",
+        "lstm",
+    ),
+    (
+        "layers-empty",
+        {"model": {"architecture": "layers", "layers": []}},
+        "model.layers",
+        "at least 1",
+    ),
+    (
+        "layer-unknown-type",
+        {"model": {"architecture": "layers", "layers": [{"type": "conv3d"}]}},
+        "model.layers.0.type",
+        "conv2d",
+    ),
+    (
+        "layer-missing-units",
+        {"model": {"architecture": "layers", "layers": [{"type": "dense"}]}},
+        "model.layers.0.units",
+        "needs units",
+    ),
+    (
+        "layer-foreign-option",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [{"type": "dropout", "rate": 0.1, "units": 3}],
+            }
+        },
+        "model.layers.0.units",
+        "does not take units",
+    ),
+    ("unknown-loss", {"loss": "cross_entropy"}, "loss.name", "categorical_crossentropy"),
+    (
+        "label-smoothing-on-sparse",
+        {"loss": {"name": "sparse_categorical_crossentropy", "label_smoothing": 0.1}},
+        "loss.label_smoothing",
+        "it takes: from_logits",
+    ),
+    (
+        "pos-weight-on-mse",
+        {**MNIST_MLP, "loss": {"name": "mse", "pos_weight": 2}},
+        "loss.pos_weight",
+        "does not take",
+    ),
+    (
+        "logits-only-loss-from-logits-false",
+        {"loss": {"name": "softmax_cross_entropy_with_logits", "from_logits": False}},
+        "loss.from_logits",
+        "always takes logits",
+    ),
+    (
+        "label-smoothing-negative",
+        {"loss": {"name": "categorical_crossentropy", "label_smoothing": -0.1}},
+        "loss.label_smoothing",
+        "greater than or equal to 0",
+    ),
+    (
+        "sparse-labels-with-categorical-ce",
+        {"loss": "categorical_crossentropy", "dataset": {"name": "mnist", "one_hot": False}},
+        "dataset.one_hot",
+        "needs one-hot labels",
+    ),
+    (
+        "one-hot-with-sparse-ce",
+        {"loss": "sparse_categorical_crossentropy", "dataset": {"name": "mnist", "one_hot": True}},
+        "dataset.one_hot",
+        "integer class labels",
+    ),
+    (
+        "softmax-output-with-logits",
+        {
+            "loss": {"name": "categorical_crossentropy", "from_logits": True},
+            "model": {"architecture": "mlp", "output_activation": "softmax"},
+        },
+        "loss.from_logits",
+        "probabilities, not logits",
+    ),
+    (
+        "classification-loss-on-regression",
+        {"dataset": "linear", "loss": "binary_crossentropy"},
+        "loss.name",
+        "regression",
+    ),
+    (
+        "cnn-on-tabular",
+        {"model": "cnn", "dataset": "synthetic_classification"},
+        "model.architecture",
+        "cnn needs image data",
+    ),
+    ("rnn-on-tabular", {"model": "rnn", "dataset": "linear"}, "model.architecture", "sequences"),
+    (
+        "conv-layer-on-tabular",
+        {
+            "dataset": "synthetic_regression",
+            "model": {"architecture": "layers", "layers": [{"type": "conv2d", "filters": 4}]},
+        },
+        "model.layers.0.type",
+        "image-shaped",
+    ),
+    (
+        "embedding-not-first",
+        {
+            "dataset": {"name": "synthetic_sequence", "vocab_size": 20},
+            "model": {
+                "architecture": "layers",
+                "layers": [{"type": "lstm", "units": 4}, {"type": "embedding"}],
+            },
+        },
+        "model.layers.1.type",
+        "first layer",
+    ),
+    (
+        "flatten-for-cnn",
+        {"model": "cnn", "dataset": {"name": "mnist", "flatten": True}},
+        "dataset.flatten",
+        "unflattened",
+    ),
+    ("unknown-optimizer", {"optimizer": "adamax2"}, "optimizer.name", "adamax"),
+    (
+        "nesterov-on-adam",
+        {"optimizer": {"name": "adam", "nesterov": True}},
+        "optimizer.nesterov",
+        "adam does not take nesterov",
+    ),
+    (
+        "negative-learning-rate",
+        {"optimizer": {"name": "sgd", "learning_rate": -1}},
+        "optimizer.learning_rate",
+        "greater than 0",
+    ),
+    (
+        "momentum-too-big",
+        {"optimizer": {"name": "momentum", "momentum": 1.5}},
+        "optimizer.momentum",
+        "less than 1",
+    ),
+    (
+        "two-clip-norms",
+        {"optimizer": {"name": "sgd", "clipnorm": 1, "global_clipnorm": 1}},
+        "optimizer.global_clipnorm",
+        "not both",
+    ),
+    (
+        "unknown-schedule",
+        {"optimizer": {"name": "sgd", "schedule": "warmup"}},
+        "optimizer.schedule.name",
+        "cosine_decay",
+    ),
+    (
+        "schedule-without-decay-steps",
+        {"optimizer": {"schedule": {"name": "exponential_decay", "decay_rate": 0.5}}},
+        "optimizer.schedule.decay_steps",
+        "needs decay_steps",
+    ),
+    (
+        "piecewise-values-count",
+        {
+            "optimizer": {
+                "schedule": {
+                    "name": "piecewise_constant_decay",
+                    "boundaries": [10, 20],
+                    "values": [0.1, 0.01],
+                }
+            }
+        },
+        "optimizer.schedule.values",
+        "one more value",
+    ),
+    ("unknown-metric", {"metrics": ["accuracy", "f1"]}, "metrics.1", "valid metric names"),
+    (
+        "accuracy-on-regression",
+        {"dataset": "linear", "metrics": ["accuracy"]},
+        "metrics.0",
+        "needs class labels",
+    ),
+    (
+        "auc-with-sparse-labels",
+        {"dataset": "mnist", "metrics": ["auc"]},
+        "metrics.0",
+        "needs one-hot labels",
+    ),
+    ("unknown-dataset", {"dataset": "cifar100"}, "dataset.name", "fashion_mnist"),
+    ("npz-without-path", {"dataset": "npz"}, "dataset.path", "needs path"),
+    (
+        "option-foreign-to-dataset",
+        {"dataset": {"name": "mnist", "num_features": 3}},
+        "dataset.num_features",
+        "dataset mnist does not take num_features",
+    ),
+    (
+        "validation-split-too-big",
+        {"dataset": {"name": "mnist", "validation_split": 0.9}},
+        "dataset.validation_split",
+        "less than or equal to 0.5",
+    ),
+    ("steps-and-epochs", {"training": {"steps": 10, "epochs": 2}}, "training.epochs", "not both"),
+    ("zero-batch", {"training": {"batch_size": 0}}, "training.batch_size", "greater than or equal"),
+    (
+        "batch-larger-than-data",
+        {"dataset": {"name": "linear", "num_samples": 50}, "training": {"batch_size": 100}},
+        "training.batch_size",
+        "larger than dataset.num_samples",
+    ),
+    (
+        "early-stopping-without-eval",
+        {"training": {"early_stopping": {"patience": 2}}},
+        "training.early_stopping",
+        "set training.eval_every",
+    ),
+    (
+        "target-unreported-metric",
+        {"training": {"eval_every": 10, "target": {"metric": "val_auc", "value": 0.9}}},
+        "training.target.metric",
+        "val_accuracy, val_loss",
+    ),
+    (
+        "bad-duration",
+        {"training": {"max_duration": "ten minutes"}},
+        "training.max_duration",
+        "not a duration",
+    ),
+    ("unknown-device", {"runtime": {"device": "tpu"}}, "runtime.device", "'auto', 'cpu' or 'gpu'"),
+    (
+        "float16-on-cpu",
+        {"runtime": {"device": "cpu", "precision": "mixed_float16"}},
+        "runtime.precision",
+        "needs a GPU",
+    ),
+    ("bad-job-name", {"name": "my job!"}, "name", "letters, digits"),
+    (
+        "steps-per-execution-zero",
+        {"runtime": {"steps_per_execution": 0}},
+        "runtime.steps_per_execution",
+        "greater than 0, or 'auto'",
+    ),
+]
+
+
+def test_the_table_is_big_enough():
+    assert len(BAD_SPECS) >= 30
+    assert len({case[0] for case in BAD_SPECS}) == len(BAD_SPECS)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "phrase"), [c[1:] for c in BAD_SPECS], ids=[c[0] for c in BAD_SPECS]
+)
+def test_bad_spec_is_refused_naming_the_field(spec, field, phrase):
+    with pytest.raises(SpecError) as caught:
+        JobSpec.parse(spec)
+    problems = {p.field: p.message for p in caught.value.problems}
+    assert field in problems, f"expected {field} among {problems}"
+    assert phrase in problems[field], problems[field]
+    assert field in str(caught.value)
+
+
+def test_every_conflict_is_reported_not_only_the_first():
+    with pytest.raises(SpecError) as caught:
+        JobSpec.parse(
+            {
+                "loss": {"name": "categorical_crossentropy", "from_logits": True},
+                "model": {"architecture": "mlp", "output_activation": "softmax"},
+                "dataset": {"name": "mnist", "one_hot": False},
+            }
+        )
+    assert {"loss.from_logits", "dataset.one_hot"} <= set(caught.value.fields)
+
+
+def test_unknown_names_list_the_valid_ones_sorted():
+    with pytest.raises(SpecError) as caught:
+        JobSpec.parse({"loss": "nope"})
+    message = caught.value.problems[0].message
+    listed = message.split("valid loss names: ")[1].split(", ")
+    assert listed == sorted(listed) == names.valid_names("loss")
+    assert "mse" in listed and "kld" in listed and "cosine_proximity" in listed
+
+
+def test_defaults_make_a_runnable_job():
+    spec = JobSpec.parse({})
+    assert spec.model.architecture == "mlp"
+    assert spec.loss.name == "sparse_categorical_crossentropy"
+    assert spec.metrics == ["accuracy"]
+    assert spec.training.steps == 1000 and spec.training.batch_size == 32
+    assert spec.output_activation == "softmax"
+    assert spec.step_metric == "accuracy"
+
+
+def test_regression_datasets_get_regression_defaults():
+    spec = JobSpec.parse({"dataset": "linear", "model": "linear"})
+    assert spec.loss.name == "mean_squared_error"
+    assert spec.metrics == ["mean_absolute_error"]
+    assert spec.output_activation == "linear"
+    assert spec.step_metric == "mae"
+
+
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [
+        ("mse", "mean_squared_error"),
+        ("kld", "kl_divergence"),
+        ("kullback_leibler_divergence", "kl_divergence"),
+        ("cosine_proximity", "cosine_similarity"),
+        ("logcosh", "log_cosh"),
+        ("MAE", "mean_absolute_error"),
+        ("Mean-Squared-Error", "mean_squared_error"),
+    ],
+)
+def test_loss_aliases_resolve(alias, canonical):
+    assert JobSpec.parse({**MNIST_MLP, "loss": alias}).loss.name == canonical
+
+
+def test_optimizer_and_activation_aliases():
+    spec = JobSpec.parse(
+        {"optimizer": "gradient_descent", "model": {"architecture": "mlp", "activation": "swish"}}
+    )
+    assert spec.optimizer.name == "sgd" and spec.model.activation == "silu"
+    assert spec.optimizer.initial_learning_rate == 0.01
+
+
+def test_logits_losses_get_linear_outputs():
+    for loss in (
+        "softmax_cross_entropy_with_logits",
+        "sigmoid_cross_entropy_with_logits",
+        {"name": "categorical_crossentropy", "from_logits": True},
+    ):
+        assert JobSpec.parse({"loss": loss}).output_activation == "linear"
+    assert JobSpec.parse({"loss": "binary_crossentropy"}).output_activation == "sigmoid"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [(90, 90.0), ("90s", 90.0), ("5m", 300.0), ("1h30m", 5400.0), ("2.5", 2.5)]
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_yaml_and_json_files_load(tmp_path):
+    (tmp_path / "job.yaml").write_text("name: a\nmodel: linear\ndataset: linear\nloss: mse\n")
+    (tmp_path / "job.json").write_text(
+        json.dumps({"name": "b", "dataset": "linear", "model": "linear"})
+    )
+    assert load_spec(tmp_path / "job.yaml").name == "a"
+    assert load_spec(tmp_path / "job.json").name == "b"
+
+
+def test_broken_files_are_refused_clearly(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "missing.yaml")
+    with pytest.raises(SpecError, match="a job spec is a mapping"):
+        JobSpec.parse(["not", "a", "mapping"])
+
+
+def test_round_trip_through_dict():
+    spec = JobSpec.parse(
+        {
+            "model": {"architecture": "cnn", "filters": [8]},
+            "dataset": "mnist",
+            "optimizer": {"name": "sgd", "schedule": {"name": "cosine_decay", "decay_steps": 100}},
+        }
+    )
+    assert JobSpec.parse(spec.to_dict()) == spec
+
+
+def test_examples_are_valid():
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+    assert len(examples) >= 4
+    for path in examples:
+        load_spec(path)
+
+
+def test_client_spec_does_not_import_tensorflow():
+    import subprocess
+
+    code = "import sys, trainer_client.spec, trainer_client.cli; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,350 @@
+"""The engine end to end on small data: what it emits, how it stops, what it leaves behind."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from trainer_client import names
+from trainer_client.spec import JobSpec, load_spec
+from trainer_service.datasets import DataPaths
+from trainer_service.trainer import NoGPU, gpu_available, latest_checkpoint, train
+
+from ..conftest import EXAMPLES
+
+
+def run(spec: dict | JobSpec, tmp_path, should_stop=lambda: False, resume=False, workdir=None):
+    events = []
+    result = train(
+        JobSpec.parse(spec),
+        events.append,
+        should_stop,
+        workdir=workdir or tmp_path / "work",
+        paths=DataPaths(download=False),
+        resume=resume,
+    )
+    return result, events
+
+
+def steps_of(events):
+    return [e for e in events if e.kind == "step"]
+
+
+QUICK = {"training": {"steps": 6, "batch_size": 16}, "runtime": {"steps_per_execution": 3}}
+CLASSES = {
+    "name": "synthetic_classification",
+    "num_samples": 64,
+    "num_features": 6,
+    "num_classes": 3,
+}
+REGRESSION = {"name": "synthetic_regression", "num_samples": 64, "num_features": 4}
+
+
+def assert_trained(result, events, steps=6):
+    assert result.outcome == "succeeded", result.failure
+    emitted = steps_of(events)
+    assert [e.step for e in emitted] == list(range(1, steps + 1))
+    assert all(math.isfinite(e.loss) for e in emitted)
+    assert events[-1] is result
+
+
+def test_linear_regression_reproduces_the_seed(tmp_path):
+    result, events = run(load_spec(EXAMPLES / "linear_regression.yaml"), tmp_path)
+    assert_trained(result, events, 200)
+    w, b = keras.models.load_model(result.model_path).get_weights()
+    assert abs(float(w[0, 0]) - 0.1) < 1e-3 and abs(float(b[0]) - 0.3) < 1e-3
+    assert all(e.mae is not None and e.accuracy is None for e in steps_of(events))
+
+
+@pytest.mark.parametrize("loss", sorted(names.LOSSES))
+def test_every_loss_trains(loss, tmp_path):
+    info = names.LOSSES[loss]
+    if info.labels == "dense":
+        data = REGRESSION
+    else:
+        data = {**CLASSES, "num_classes": 2 if info.labels == "binary" else 3}
+    result, events = run({"loss": loss, "dataset": data, **QUICK}, tmp_path)
+    assert_trained(result, events)
+
+
+@pytest.mark.parametrize("activation", names.ACTIVATIONS)
+def test_every_activation_trains(activation, tmp_path):
+    model = {"architecture": "mlp", "hidden_units": [8], "activation": activation}
+    result, events = run({"model": model, "dataset": CLASSES, **QUICK}, tmp_path)
+    assert_trained(result, events)
+
+
+@pytest.mark.parametrize("optimizer", sorted(names.OPTIMIZERS))
+def test_every_optimizer_trains(optimizer, tmp_path):
+    result, events = run({"optimizer": optimizer, "dataset": CLASSES, **QUICK}, tmp_path)
+    assert_trained(result, events)
+
+
+SCHEDULE_OPTIONS = {
+    "piecewise_constant_decay": {"boundaries": [2, 4], "values": [0.1, 0.05, 0.01]},
+    "exponential_decay": {"decay_steps": 2, "decay_rate": 0.5},
+    "inverse_time_decay": {"decay_steps": 2, "decay_rate": 0.5},
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(names.SCHEDULES))
+def test_every_schedule_trains_and_streams_its_rate(schedule, tmp_path):
+    options = SCHEDULE_OPTIONS.get(schedule, {"decay_steps": 4})
+    opt = {"name": "sgd", "learning_rate": 0.1, "schedule": {"name": schedule, **options}}
+    result, events = run({"optimizer": opt, "dataset": CLASSES, **QUICK}, tmp_path)
+    assert_trained(result, events)
+    rates = [e.learning_rate for e in steps_of(events)]
+    assert rates[0] == pytest.approx(0.1, rel=1e-5) and rates[-1] < rates[0]
+
+
+def test_exponential_decay_rates_are_the_ones_used(tmp_path):
+    opt = {
+        "name": "sgd",
+        "learning_rate": 0.1,
+        "schedule": {"name": "exponential_decay", "decay_steps": 1, "decay_rate": 0.5},
+    }
+    _, events = run({"optimizer": opt, "dataset": CLASSES, **QUICK}, tmp_path)
+    expected = [0.1 * 0.5**i for i in range(6)]
+    assert [e.learning_rate for e in steps_of(events)] == pytest.approx(expected, rel=1e-5)
+
+
+IMAGES = {"name": "synthetic_images", "num_samples": 64, "image_size": 8}
+SEQUENCES = {"name": "synthetic_sequence", "num_samples": 64, "sequence_length": 6}
+LAYER_CASES = {
+    "batch_normalization": (IMAGES, [{"type": "flatten"}, {"type": "batch_normalization"}]),
+    "conv2d": (IMAGES, [{"type": "conv2d", "filters": 4}]),
+    "dense": (CLASSES, [{"type": "dense", "units": 5}]),
+    "dropout": (CLASSES, [{"type": "dense", "units": 5}, {"type": "dropout", "rate": 0.3}]),
+    "embedding": (
+        {**SEQUENCES, "vocab_size": 12},
+        [{"type": "embedding", "output_dim": 4}, {"type": "lstm", "units": 4}],
+    ),
+    "flatten": (IMAGES, [{"type": "flatten"}]),
+    "gru": (SEQUENCES, [{"type": "gru", "units": 4}, {"type": "gru", "units": 3}]),
+    "lstm": (SEQUENCES, [{"type": "lstm", "units": 4}]),
+    "max_pool2d": (IMAGES, [{"type": "conv2d", "filters": 4}, {"type": "max_pool2d"}]),
+    "simple_rnn": (SEQUENCES, [{"type": "simple_rnn", "units": 4}]),
+}
+
+
+def test_layer_cases_cover_every_layer():
+    assert set(LAYER_CASES) == set(names.LAYERS)
+
+
+@pytest.mark.parametrize("layer", sorted(LAYER_CASES))
+def test_every_layer_trains(layer, tmp_path):
+    data, layers = LAYER_CASES[layer]
+    result, events = run(
+        {"model": {"architecture": "layers", "layers": layers}, "dataset": data, **QUICK}, tmp_path
+    )
+    assert_trained(result, events)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "data"),
+    [
+        ("linear", CLASSES),
+        ("mlp", CLASSES),
+        ("cnn", IMAGES),
+        ("rnn", SEQUENCES),
+        ("rnn", {**SEQUENCES, "vocab_size": 10}),
+    ],
+)
+def test_every_architecture_trains(architecture, data, tmp_path):
+    result, events = run({"model": architecture, "dataset": data, **QUICK}, tmp_path)
+    assert_trained(result, events)
+
+
+def test_metrics_are_reported_under_their_names(tmp_path):
+    spec = {
+        "dataset": {**CLASSES, "validation_split": 0.25},
+        "loss": "categorical_crossentropy",
+        "metrics": ["accuracy", "auc", "precision", "recall", "top_k_categorical_accuracy"],
+        "training": {"steps": 6, "batch_size": 16, "eval_every": 3},
+    }
+    result, events = run(spec, tmp_path)
+    evals = [e for e in events if e.kind == "eval"]
+    assert [e.step for e in evals] == [3, 6]
+    assert all(e.split == "validation" for e in evals)
+    assert set(evals[0].values) == {
+        "loss",
+        "accuracy",
+        "auc",
+        "precision",
+        "recall",
+        "top_k_categorical_accuracy",
+    }
+    assert set(result.test_metrics) == set(evals[0].values)
+
+
+def test_step_values_are_the_batch_loss_and_accuracy(tmp_path):
+    """With a zero learning rate the weights never move, so each step's streamed loss and
+    accuracy can be recomputed from the saved model and the same batch."""
+    spec = JobSpec.parse(
+        {
+            "dataset": CLASSES,
+            "optimizer": {"name": "sgd", "learning_rate": 1e-30},
+            "training": {"steps": 8, "batch_size": 16, "shuffle": False},
+            "runtime": {"steps_per_execution": 3},
+        }
+    )
+    result, events = run(spec, tmp_path)
+    from trainer_service import datasets
+
+    data = datasets.load(spec, DataPaths())
+    model = keras.models.load_model(result.model_path)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    for event in steps_of(events):
+        i = ((event.step - 1) * 16) % len(data.x_train)
+        x, y = data.x_train[i : i + 16], data.y_train[i : i + 16]
+        pred = model.predict_on_batch(x)
+        assert event.loss == pytest.approx(float(loss_fn(y, pred)), rel=1e-4)
+        assert event.accuracy == pytest.approx(float(np.mean(pred.argmax(-1) == y)))
+
+
+def test_non_finite_loss_fails_naming_the_step(tmp_path):
+    spec = {
+        "dataset": {"name": "linear", "noise": 10.0},
+        "model": "linear",
+        "optimizer": {"name": "sgd", "learning_rate": 1e6},
+        "training": {"steps": 200, "batch_size": 100},
+    }
+    result, events = run(spec, tmp_path)
+    assert result.outcome == "failed" and result.failure.reason == "non_finite_loss"
+    last = steps_of(events)[-1]
+    assert not math.isfinite(last.loss) and result.failure.step == last.step
+    assert f"step {last.step}" in result.failure.message
+    assert all(math.isfinite(e.loss) for e in steps_of(events)[:-1])
+
+
+def test_should_stop_is_honoured_within_one_window(tmp_path):
+    seen = []
+    spec = {
+        "dataset": CLASSES,
+        "training": {"steps": 600, "batch_size": 8},
+        "runtime": {"steps_per_execution": 10},
+    }
+
+    def should_stop():
+        seen.append(True)
+        return len(seen) >= 2
+
+    result, events = run(spec, tmp_path, should_stop)
+    assert result.outcome == "cancelled" and result.stop_reason == "cancelled"
+    assert result.steps == 20 and len(steps_of(events)) == 20
+    assert result.model_path is None
+
+
+def test_max_duration_fails_with_a_timeout(tmp_path):
+    spec = {"dataset": CLASSES, "training": {"steps": 100000, "batch_size": 8, "max_duration": 0.5}}
+    result, _ = run(spec, tmp_path)
+    assert result.outcome == "failed" and result.failure.reason == "max_duration_exceeded"
+    assert 0 < result.steps < 100000
+
+
+def test_same_seed_same_run(tmp_path):
+    spec = {
+        "dataset": {**IMAGES, "validation_split": 0.2},
+        "model": "cnn",
+        "training": {"steps": 12, "batch_size": 8, "seed": 5},
+    }
+    _, first = run(spec, tmp_path, workdir=tmp_path / "a")
+    _, second = run(spec, tmp_path, workdir=tmp_path / "b")
+    assert [e.loss for e in steps_of(first)] == [e.loss for e in steps_of(second)]
+    spec["training"]["seed"] = 6
+    _, third = run(spec, tmp_path, workdir=tmp_path / "c")
+    assert [e.loss for e in steps_of(first)] != [e.loss for e in steps_of(third)]
+
+
+def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
+    spec = {
+        "dataset": CLASSES,
+        "optimizer": "adam",
+        "training": {"steps": 40, "batch_size": 8, "checkpoint_every": 10},
+    }
+    whole, whole_events = run(spec, tmp_path, workdir=tmp_path / "whole")
+    assert [e.step for e in whole_events if e.kind == "checkpoint"] == [10, 20, 30]
+
+    calls = []  # windows are 10 steps: the third stop check comes after the step-20 checkpoint
+    stopped, _ = run(
+        spec, tmp_path, lambda: calls.append(1) or len(calls) >= 3, workdir=tmp_path / "split"
+    )
+    assert stopped.outcome == "cancelled" and latest_checkpoint(tmp_path / "split")[0] == 20
+    resumed, resumed_events = run(spec, tmp_path, resume=True, workdir=tmp_path / "split")
+    assert [e.step for e in steps_of(resumed_events)] == list(range(21, 41))
+    expected = [e.loss for e in steps_of(whole_events)][20:]
+    assert [e.loss for e in steps_of(resumed_events)] == pytest.approx(expected, rel=1e-5)
+    assert resumed.test_metrics == pytest.approx(whole.test_metrics, rel=1e-5)
+
+
+def test_only_the_latest_checkpoints_are_kept(tmp_path):
+    spec = {"dataset": CLASSES, "training": {"steps": 50, "batch_size": 8, "checkpoint_every": 10}}
+    run(spec, tmp_path)
+    kept = sorted(p.name for p in (tmp_path / "work" / "checkpoints").glob("*.keras"))
+    assert kept == ["step-000000030.keras", "step-000000040.keras"]
+
+
+def test_early_stopping(tmp_path):
+    spec = {
+        "dataset": CLASSES,
+        "training": {
+            "steps": 300,
+            "batch_size": 8,
+            "eval_every": 5,
+            "early_stopping": {"monitor": "val_loss", "patience": 1, "min_delta": 100.0},
+        },
+    }
+    result, _ = run(spec, tmp_path)
+    assert result.outcome == "succeeded" and result.stop_reason == "early_stopping"
+    assert result.steps == 10 and result.model_path
+
+
+def test_target_metric_stops_the_run(tmp_path):
+    spec = {
+        "dataset": {**CLASSES, "noise": 0.1},
+        "training": {
+            "steps": 2000,
+            "batch_size": 16,
+            "eval_every": 20,
+            "target": {"metric": "val_accuracy", "value": 0.9},
+        },
+    }
+    result, _ = run(spec, tmp_path)
+    assert result.stop_reason == "target_reached" and result.final_eval["accuracy"] >= 0.9
+    assert result.steps < 2000
+
+
+def test_saved_model_loads_and_predicts(tmp_path):
+    result, _ = run({"dataset": IMAGES, "model": "cnn", **QUICK}, tmp_path)
+    model = keras.models.load_model(result.model_path)
+    probs = model.predict(np.zeros((3, 8, 8, 1), "float32"), verbose=0)
+    assert probs.shape == (3, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_epochs_cover_the_data(tmp_path):
+    spec = {"dataset": CLASSES, "training": {"epochs": 3, "batch_size": 10}}
+    result, events = run(spec, tmp_path)
+    assert result.steps == 3 * math.ceil(64 / 10) == len(steps_of(events))
+
+
+@pytest.mark.skipif(gpu_available(), reason="checks the refusal on a machine with no GPU")
+def test_a_gpu_job_is_refused_on_a_cpu_worker(tmp_path):
+    with pytest.raises(NoGPU, match="has none"):
+        run({**QUICK, "dataset": CLASSES, "runtime": {"device": "gpu"}}, tmp_path)
+
+
+def test_mixed_bfloat16_trains_and_restores_the_policy(tmp_path):
+    before = keras.config.dtype_policy().name
+    result, events = run(
+        {
+            "dataset": CLASSES,
+            "runtime": {"precision": "mixed_bfloat16", "steps_per_execution": 3},
+            "training": {"steps": 6, "batch_size": 16},
+        },
+        tmp_path,
+    )
+    assert_trained(result, events)
+    assert keras.config.dtype_policy().name == before
