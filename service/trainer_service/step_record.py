@@ -48,10 +48,12 @@ class StepRecorder(keras.metrics.Metric):
         y_pred = ops.cast(y_pred, "float32")
         loss = ops.cast(self.loss_fn(y_true, y_pred), "float32")
         value = self._batch_value(y_true, y_pred)
-        slot = ops.expand_dims(ops.mod(self.count, self.window), 0)
-        self.losses_buf.assign(ops.slice_update(self.losses_buf, slot, ops.reshape(loss, (1,))))
-        self.values_buf.assign(ops.slice_update(self.values_buf, slot, ops.reshape(value, (1,))))
-        self.count.assign(self.count + 1)
+        # `.value` everywhere: JAX refuses a Variable where it expects an array.
+        count = self.count.value
+        slot = ops.expand_dims(ops.mod(count, self.window), 0)
+        for buf, new in ((self.losses_buf, loss), (self.values_buf, value)):
+            buf.assign(ops.slice_update(buf.value, slot, ops.reshape(new, (1,))))
+        self.count.assign(count + 1)
 
     def reset_state(self):
         # Keras resets metrics every epoch; the step history must run across epochs.
@@ -59,7 +61,7 @@ class StepRecorder(keras.metrics.Metric):
 
     def result(self):
         return {
-            STEP_LOSSES: ops.convert_to_tensor(self.losses_buf),
-            STEP_VALUES: ops.convert_to_tensor(self.values_buf),
-            STEP_COUNT: ops.convert_to_tensor(self.count),
+            STEP_LOSSES: self.losses_buf.value,
+            STEP_VALUES: self.values_buf.value,
+            STEP_COUNT: self.count.value,
         }

@@ -3,6 +3,7 @@ the store. Every step's loss and accuracy are emitted, at near-zero cost (see st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -72,7 +73,7 @@ def train(
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(spec.runtime.precision)
     try:
-        with keras.device(_device(spec)):
+        with _placement(spec):
             run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started)
             result = run.execute(resume)
     finally:
@@ -81,12 +82,14 @@ def train(
     return result
 
 
-def _device(spec: JobSpec) -> str:
+def _placement(spec: JobSpec):
+    """A device scope only to keep a job off a visible GPU: every backend already places
+    work on the GPU it can see (and on PyTorch a device scope breaks the gradients)."""
     if spec.runtime.device == "cpu":
-        return "cpu:0"
+        return keras.device("cpu:0")
     if spec.runtime.device == "gpu" and not gpu_available():
         raise NoGPU("the job asks for a GPU (runtime.device: gpu) but this worker has none")
-    return "gpu:0" if gpu_available() else "cpu:0"
+    return contextlib.nullcontext()
 
 
 def gpu_available() -> bool:
@@ -204,6 +207,8 @@ class _Run:
         and stop requests are seen several times a second, dividing the evaluation and
         checkpoint intervals so those land on exact steps."""
         choice = self.spec.runtime.steps_per_execution
+        if keras.config.backend() == "torch":
+            return 1  # Keras runs PyTorch eagerly, one step per call, and refuses more
         if choice == "auto":
             batch = data.x_train[: self.spec.training.batch_size]
             # Compiled, not eager: eager recurrent layers are far slower than their graphs.
