@@ -24,7 +24,7 @@ class ProgressBar:
 
     def __init__(self, total: int, out: TextIO = sys.stderr, every: float = 0.1):
         self.total, self.out, self.every = total, out, every
-        self.last_draw = 0.0
+        self.last_draw = self.last_line = 0.0
         self.tty = out.isatty()
 
     def update(self, step: int, loss: float, metric: str, value: float | None, sps: float):
@@ -32,19 +32,19 @@ class ProgressBar:
         if now - self.last_draw < self.every and step < self.total:
             return
         self.last_draw = now
-        frac = min(step / self.total, 1.0) if self.total else 1.0
-        bar = "#" * int(frac * 30)
-        eta = (self.total - step) / sps if sps > 0 else math.inf
-        eta_text = "--" if not math.isfinite(eta) else f"{int(eta) // 60}:{int(eta) % 60:02d}"
         shown = "n/a" if value is None else f"{value:.4f}"
-        line = (
-            f"[{bar:<30}] {step}/{self.total}  loss {loss:.4f}  {metric} {shown}  "
-            f"{sps:,.0f} steps/s  ETA {eta_text}"
-        )
+        line = f"loss {loss:.4f}  {metric} {shown}  {sps:,.0f} steps/s"
+        if self.total:
+            bar = "#" * int(min(step / self.total, 1.0) * 30)
+            eta = (self.total - step) / sps if sps > 0 else math.inf
+            eta_text = "--" if not math.isfinite(eta) else f"{int(eta) // 60}:{int(eta) % 60:02d}"
+            line = f"[{bar:<30}] {step}/{self.total}  {line}  ETA {eta_text}"
+        else:  # an epochs-based job: the step count depends on the data, not known here
+            line = f"step {step}  {line}"
         if self.tty:
             self.out.write("\r" + line)
-        elif step == self.total or now - getattr(self, "_last_line", 0.0) > 5:
-            self._last_line = now
+        elif step == self.total or now - self.last_line > 5:
+            self.last_line = now
             self.out.write(line + "\n")
         self.out.flush()
 
@@ -79,11 +79,9 @@ def _train(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"trainer train needs the service: pip install '.[service]' ({exc})", file=sys.stderr)
         return 2
-    total = spec.training.steps or 0
-    bar = ProgressBar(total)
+    bar = ProgressBar(spec.training.steps or 0)
 
     def emit(event: Event) -> None:
-        nonlocal total
         _print_event(event, bar, spec)
 
     paths = DataPaths(data_dir=Path(args.data_dir) if args.data_dir else None)

@@ -179,14 +179,17 @@ def _rng(spec: DatasetSpec, seed: int, part: int) -> np.random.Generator:
     return np.random.default_rng([seed, part, zlib.crc32(spec.name.encode())])
 
 
-def _split_sizes(spec: DatasetSpec, default: int) -> tuple[int, int]:
-    n = spec.num_samples or default
-    return n, max(n // 5, 1)
+Make = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+
+
+def _train_and_test(spec: DatasetSpec, seed: int, default_n: int, make: Make) -> tuple:
+    """num_samples training examples, and a fifth as many test examples from another stream."""
+    n = spec.num_samples or default_n
+    return (*make(_rng(spec, seed, 0), n), *make(_rng(spec, seed, 1), max(n // 5, 1)))
 
 
 def _linear(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     """The seed's regression: x uniform in [0, 1), y = 0.1x + 0.3."""
-    n, n_test = _split_sizes(spec, 100)
     noise = spec.noise or 0.0
 
     def make(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,14 +197,12 @@ def _linear(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
         y = x * 0.1 + 0.3 + noise * rng.standard_normal((count, 1)).astype(np.float32)
         return x, y.astype(np.float32)
 
-    x, y = make(_rng(spec, seed, 0), n)
-    xt, yt = make(_rng(spec, seed, 1), n_test)
+    x, y, xt, yt = _train_and_test(spec, seed, 100, make)
     return Arrays(x, y, xt, yt, "tabular", "regression", None, "generated: y = 0.1x + 0.3")
 
 
 def _synthetic_classification(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     """Gaussian blobs, one per class."""
-    n, n_test = _split_sizes(spec, 1000)
     k, f = spec.num_classes or 2, spec.num_features or 20
     centers = _rng(spec, seed, 9).standard_normal((k, f)).astype(np.float32) * 1.5
     noise = 1.0 if spec.noise is None else spec.noise
@@ -211,13 +212,11 @@ def _synthetic_classification(spec: DatasetSpec, paths: DataPaths, seed: int) ->
         x = centers[y] + noise * rng.standard_normal((count, f)).astype(np.float32)
         return x.astype(np.float32), y
 
-    x, y = make(_rng(spec, seed, 0), n)
-    xt, yt = make(_rng(spec, seed, 1), n_test)
+    x, y, xt, yt = _train_and_test(spec, seed, 1000, make)
     return Arrays(x, y, xt, yt, "tabular", "classification", k, "generated: gaussian blobs")
 
 
 def _synthetic_regression(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
-    n, n_test = _split_sizes(spec, 1000)
     f = spec.num_features or 8
     w = _rng(spec, seed, 9).standard_normal((f, 1)).astype(np.float32)
     noise = 0.1 if spec.noise is None else spec.noise
@@ -227,14 +226,12 @@ def _synthetic_regression(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arr
         y = x @ w + 0.5 + noise * rng.standard_normal((count, 1)).astype(np.float32)
         return x, y.astype(np.float32)
 
-    x, y = make(_rng(spec, seed, 0), n)
-    xt, yt = make(_rng(spec, seed, 1), n_test)
+    x, y, xt, yt = _train_and_test(spec, seed, 1000, make)
     return Arrays(x, y, xt, yt, "tabular", "regression", None, "generated: y = xW + 0.5")
 
 
 def _synthetic_images(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     """Each class is a bright bar in its own position and orientation, on noise."""
-    n, n_test = _split_sizes(spec, 1000)
     k, size, ch = spec.num_classes or 4, spec.image_size or 16, spec.channels or 1
     noise = 0.3 if spec.noise is None else spec.noise
     templates = np.zeros((k, size, size, ch), dtype=np.float32)
@@ -250,15 +247,13 @@ def _synthetic_images(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
         x = templates[y] + noise * rng.standard_normal((count, size, size, ch)).astype(np.float32)
         return np.clip(x * 255, 0, 255).astype(np.uint8), y
 
-    x, y = make(_rng(spec, seed, 0), n)
-    xt, yt = make(_rng(spec, seed, 1), n_test)
+    x, y, xt, yt = _train_and_test(spec, seed, 1000, make)
     return Arrays(x, y, xt, yt, "image", "classification", k, "generated: bars on noise")
 
 
 def _synthetic_sequence(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     """Token ids: the class is the one marker token hidden somewhere in the sequence.
     Real values: the class is the segment (of num_classes) with the largest sum."""
-    n, n_test = _split_sizes(spec, 1000)
     k, length = spec.num_classes or 2, spec.sequence_length or 20
     vocab = spec.vocab_size
     if vocab is not None and vocab <= k:
@@ -277,8 +272,7 @@ def _synthetic_sequence(spec: DatasetSpec, paths: DataPaths, seed: int) -> Array
             x[i, seg[c], :] += 1.0
         return x, y
 
-    x, y = make(_rng(spec, seed, 0), n)
-    xt, yt = make(_rng(spec, seed, 1), n_test)
+    x, y, xt, yt = _train_and_test(spec, seed, 1000, make)
     return Arrays(x, y, xt, yt, "sequence", "classification", k, "generated: sequences")
 
 
