@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for trainer.v1 (scripts/gen-proto)."""
