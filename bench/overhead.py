@@ -28,6 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import tensorflow as tf
+
 from trainer_client.spec import load_spec
 from trainer_service import datasets
 from trainer_service.trainer import train

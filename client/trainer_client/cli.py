@@ -1,9 +1,5 @@
-"""The `trainer` command.
-
-`trainer validate FILE` checks a job file with no TensorFlow. `trainer train FILE` runs a job
-on this machine with the service's engine (needs `pip install '.[service]'`) and shows a live
-progress bar; the server commands (serve, submit, watch, ...) come with the service.
-"""
+"""The `trainer` command: serve, worker, submit, jobs, show, watch, cancel, download, plot,
+and two that need no server: validate (no TensorFlow) and train (runs a job here)."""
 
 from __future__ import annotations
 
@@ -54,8 +50,8 @@ class ProgressBar:
             self.out.flush()
 
 
-def _print_event(event: Event, bar: ProgressBar, spec: JobSpec) -> None:
-    if event.kind == "step":
+def _print_event(event: Event, bar: ProgressBar, spec: JobSpec | None) -> None:
+    if event.kind == "step" and spec is not None:
         value = event.mae if spec.step_metric == "mae" else event.accuracy
         bar.update(event.step, event.loss, spec.step_metric, value, event.steps_per_second)
         return
@@ -65,7 +61,7 @@ def _print_event(event: Event, bar: ProgressBar, spec: JobSpec) -> None:
         values = "  ".join(f"{k} {v:.4f}" for k, v in event.values.items())
         print(f"step {event.step} {event.split}: {values}", file=sys.stderr)
     elif event.kind == "checkpoint":
-        print(f"step {event.step}: checkpoint {event.path}", file=sys.stderr)
+        print(f"step {event.step}: checkpoint {event.path}".rstrip(), file=sys.stderr)
     elif event.kind == "log":
         print(event.message, file=sys.stderr)
 
@@ -118,18 +114,249 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+STATE_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3}
+
+
+def _client(args: argparse.Namespace):
+    from trainer_client.client import TrainingClient
+
+    return TrainingClient(args.address)
+
+
+def _follow(job, spec_metric: str, total: int, after_seq: int = 0) -> int:
+    """Stream a job with a progress bar; the exit code says how it ended."""
+    bar = ProgressBar(total)
+    final = None
+    for event in job.stream(after_seq):
+        if event.kind == "step":
+            value = event.mae if spec_metric == "mae" else event.accuracy
+            bar.update(event.step, event.loss, spec_metric, value, event.steps_per_second)
+            continue
+        if bar.tty:
+            bar.out.write("\r\033[K")
+        if event.kind == "state":
+            detail = f": {event.failure.reason}: {event.failure.message}" if event.failure else ""
+            print(f"{job.id}: {event.state}{detail}", file=sys.stderr)
+            final = event.state
+        elif event.kind in ("eval", "log", "checkpoint"):
+            _print_event(event, bar, None)
+    bar.close()
+    return STATE_EXIT.get(final or "", 1)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    spec = load_spec(args.file)
+    with _client(args) as client:
+        job = client.submit(spec, priority=args.priority, request_id=args.request_id)
+        print(job.name)
+        if not args.follow:
+            return 0
+        return _follow(job, spec.step_metric, spec.training.steps or 0)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.job(args.job)
+        info = job.info()
+        spec = JobSpec.parse(info.spec)
+        return _follow(job, spec.step_metric, info.total_steps, args.after_seq)
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    labels = dict(kv.split("=", 1) for kv in args.label)
+    with _client(args) as client:
+        print(f"{'JOB':<26}{'NAME':<22}{'STATE':<12}{'STEP':>12}{'LOSS':>10}{'ACC':>8}")
+        for i, job in enumerate(client.jobs(state=args.state, labels=labels)):
+            if i >= args.limit:
+                break
+            step = f"{job.step}/{job.total_steps}" if job.total_steps else str(job.step)
+            print(
+                f"{job.id:<26}{job.display_name[:21]:<22}{job.state:<12}{step:>12}"
+                f"{job.loss:>10.4f}{job.accuracy:>8.4f}"
+            )
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    import json
+
+    with _client(args) as client:
+        info = client.job(args.job).info()
+    out = {k: v for k, v in info.__dict__.items() if k != "spec"}
+    out["failure"] = info.failure.__dict__ if info.failure else None
+    out["spec"] = info.spec
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.job(args.job).cancel()
+    print(f"{info.id}: {info.state}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        path = client.job(args.job).download_model(args.output)
+    print(path)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("trainer plot needs matplotlib: pip install '.[plot]'", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        job = client.job(args.job)
+        info, m = job.info(), job.metrics(max_points=args.max_points)
+    if not m.steps:
+        print(f"{info.id}: no steps recorded yet", file=sys.stderr)
+        return 1
+    regression = all(math.isnan(a) for a in m.accuracy)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(m.steps, m.loss, lw=0.8, label="batch loss")
+    ax_acc.plot(
+        m.steps,
+        m.mae if regression else m.accuracy,
+        lw=0.8,
+        label="batch mae" if regression else "batch accuracy",
+    )
+    for split in sorted({e.split for e in m.evals}):
+        evals = [e for e in m.evals if e.split == split]
+        ax_loss.plot(
+            [e.step for e in evals],
+            [e.values.get("loss") for e in evals],
+            "o-",
+            label=f"{split} loss",
+        )
+        key = "mean_absolute_error" if regression else "accuracy"
+        if all(key in e.values for e in evals):
+            ax_acc.plot(
+                [e.step for e in evals],
+                [e.values[key] for e in evals],
+                "o-",
+                label=f"{split} {key}",
+            )
+    ax_loss.set(xlabel="step", ylabel="loss", title=f"{info.display_name}: loss")
+    ax_acc.set(
+        xlabel="step",
+        ylabel="mae" if regression else "accuracy",
+        title=f"{info.display_name}: {'mae' if regression else 'accuracy'}",
+    )
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=110)
+    print(args.output)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from trainer_service.config import Settings
+    from trainer_service.server import Server
+
+    given = {
+        "port": args.port,
+        "metrics_port": args.metrics_port,
+        "workers": args.workers,
+        "gpus": args.gpus,
+        "store": args.store,
+        "data_dir": args.data_dir,
+        "host": args.host,
+    }
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    logging.getLogger().setLevel(logging.INFO)
+    server = Server(settings)
+    server.start()
+    workers = len(server.supervisor.slots) if server.supervisor else 0
+    print(
+        f"trainer serve: grpc {settings.host}:{server.port} metrics "
+        f"{settings.host}:{server.metrics_port} workers {workers} store {settings.store_url}",
+        flush=True,
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    server.stop()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from trainer_service import worker
+
+    return worker.main(["--worker-id", args.worker_id] if args.worker_id else [])
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     parser = argparse.ArgumentParser(prog="trainer", description="Model-training service.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("validate", help="check a job file (no TensorFlow needed)")
+    # The one place the client side reads the environment.
+    address = os.environ.get("TRAINER_ADDRESS", "localhost:50051")
+
+    def command(name: str, func, help: str, remote: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        if remote:
+            p.add_argument("--address", default=address, help="host:port of the server")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("validate", _validate, "check a job file (no TensorFlow needed)", remote=False)
     p.add_argument("file")
-    p.set_defaults(func=_validate)
-    p = sub.add_parser("train", help="run a job file on this machine with a progress bar")
+    p = command("train", _train, "run a job file on this machine with a progress bar", False)
     p.add_argument("file")
     p.add_argument("--workdir", default="runs", help="where models and checkpoints go")
     p.add_argument("--data-dir", default=None, help="looked in first for datasets")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.set_defaults(func=_train)
+
+    p = command("serve", _serve, "run the server, its workers and the metrics port", False)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="CPU workers when no GPU is used")
+    p.add_argument("--gpus", default=None, help="all, none, or a list like 0,1")
+    p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", default=None)
+    p = command("worker", _worker, "run one worker against the store (TRAINER_STORE)", False)
+    p.add_argument("--worker-id", default=None)
+
+    p = command("submit", _submit, "submit a job file")
+    p.add_argument("file")
+    p.add_argument("--follow", "-f", action="store_true", help="stream it with a progress bar")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--request-id", default=None, help="makes retries idempotent")
+    p = command("jobs", _jobs, "list jobs, newest first")
+    p.add_argument("--state", default=None)
+    p.add_argument("--label", action="append", default=[], help="KEY=VALUE")
+    p.add_argument("--limit", type=int, default=50)
+    p = command("show", _show, "a job's details as JSON")
+    p.add_argument("job")
+    for name in ("watch", "logs"):
+        p = command(name, _watch, "stream a job's events with a progress bar")
+        p.add_argument("job")
+        p.add_argument("--after-seq", type=int, default=0)
+    p = command("cancel", _cancel, "cancel a job")
+    p.add_argument("job")
+    p = command("download", _download, "download a job's trained model")
+    p.add_argument("job")
+    p.add_argument("-o", "--output", default=".", help="a file or a folder")
+    p = command("plot", _plot, "plot a job's loss and accuracy curves")
+    p.add_argument("job")
+    p.add_argument("-o", "--output", default="curves.png")
+    p.add_argument("--max-points", type=int, default=2000)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -137,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except _rpc_error() as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 4
+
+
+def _rpc_error() -> type[Exception]:
+    import grpc
+
+    return grpc.RpcError
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ class StepEvent:
     examples_per_second: float
     time: float
     kind: Literal["step"] = "step"
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class EvalEvent:
     values: dict[str, float]
     time: float
     kind: Literal["eval"] = "eval"
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class CheckpointEvent:
     path: str
     time: float
     kind: Literal["checkpoint"] = "checkpoint"
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class LogEvent:
     time: float
     level: Literal["info", "warning"] = "info"
     kind: Literal["log"] = "log"
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,9 +75,26 @@ class ResultEvent:
     duration_s: float = 0.0
     time: float = 0.0
     kind: Literal["result"] = "result"
+    seq: int = 0
 
 
-Event = StepEvent | EvalEvent | CheckpointEvent | LogEvent | ResultEvent
+@dataclass(frozen=True)
+class StateEvent:
+    """The job changed state (a watcher's view; the engine itself never emits these)."""
+
+    state: str
+    attempt: int
+    time: float
+    failure: TrainingFailure | None = None
+    kind: Literal["state"] = "state"
+    seq: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+Event = StepEvent | EvalEvent | CheckpointEvent | LogEvent | ResultEvent | StateEvent
 
 
 def to_dict(event: Event) -> dict[str, Any]:

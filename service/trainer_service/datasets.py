@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from trainer_client.spec import DatasetSpec, JobSpec
 
+from trainer_client.spec import DatasetSpec, JobSpec
 from trainer_service.errors import DatasetInvalid, DatasetUnavailable
 from trainer_service.registry import Registry
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import keras
+
 from trainer_client import names
 from trainer_client.spec import JobSpec, LayerSpec
-
 from trainer_service.datasets import Data
 from trainer_service.registry import ACTIVATIONS, LAYERS, LayerContext, Registry
 

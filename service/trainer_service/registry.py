@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 
 import keras
 from keras import ops
+
 from trainer_client import names
 from trainer_client.spec import LayerSpec, LossSpec, OptimizerSpec, ScheduleSpec
 

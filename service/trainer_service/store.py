@@ -255,7 +255,9 @@ class Store:
                 )
             )
             self._append(conn, job_id, [_state_event(JobState.QUEUED, 0)])
-            return Job.from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()), True
+            return Job.from_row(
+                conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
+            ), True
 
     def get_job(self, job_id: str) -> Job:
         with self.reader.connect() as conn:
@@ -407,8 +409,8 @@ class Store:
     ) -> None:
         with self.engine.begin() as conn:
             job = self._get(conn, job_id)
-            if job.state == JobState.CANCELLING and to == JobState.FAILED and error is None:
-                to = JobState.CANCELLED
+            if job.state == JobState.CANCELLING and to == JobState.QUEUED:
+                to = JobState.CANCELLED  # a job being cancelled is not handed back to the queue
             self.transition(conn, job, to, worker=worker, error=error, **values)
 
     def rescue(self, now: float | None = None) -> list[tuple[str, JobState]]:
@@ -500,7 +502,9 @@ class Store:
 
     def last_event_id(self) -> int:
         with self.reader.connect() as conn:
-            return conn.execute(sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0))).scalar_one()
+            return conn.execute(
+                sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0))
+            ).scalar_one()
 
 
 def _state_event(

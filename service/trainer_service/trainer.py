@@ -15,6 +15,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+
 from trainer_client.events import (
     CheckpointEvent,
     EvalEvent,
@@ -25,7 +26,6 @@ from trainer_client.events import (
     TrainingFailure,
 )
 from trainer_client.spec import JobSpec
-
 from trainer_service import datasets, models
 from trainer_service.datasets import Data, DataPaths
 from trainer_service.registry import LOSSES, METRICS, OPTIMIZERS, Labels, learning_rate

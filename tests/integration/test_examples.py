@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from trainer_client.spec import load_spec
 from trainer_service.datasets import DataPaths
 from trainer_service.trainer import train

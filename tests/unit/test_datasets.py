@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from trainer_client.spec import JobSpec
 from trainer_service import datasets
 from trainer_service.datasets import DataPaths

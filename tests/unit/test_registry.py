@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
+
 from trainer_client import names
 from trainer_client.spec import LossSpec, OptimizerSpec
 from trainer_service import registry

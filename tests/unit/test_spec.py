@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+
 from trainer_client import names
 from trainer_client.spec import JobSpec, SpecError, load_spec, parse_duration
 

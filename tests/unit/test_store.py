@@ -26,17 +26,23 @@ def store(tmp_path):
 
 
 def make(store, name="j", priority=0, request_id=None, spec_hash="h", max_attempts=3):
-    job, _ = store.create_job(name=name, spec={"name": name}, spec_hash=spec_hash, labels={},
-                              priority=priority, request_id=request_id,
-                              max_attempts=max_attempts)
+    job, _ = store.create_job(
+        name=name,
+        spec={"name": name},
+        spec_hash=spec_hash,
+        labels={},
+        priority=priority,
+        request_id=request_id,
+        max_attempts=max_attempts,
+    )
     return job
 
 
 def test_create_is_idempotent_per_request_id(store):
-    first, created = store.create_job(name="a", spec={}, spec_hash="h1", labels={},
-                                      request_id="r1")
-    again, created_again = store.create_job(name="a", spec={}, spec_hash="h1", labels={},
-                                            request_id="r1")
+    first, created = store.create_job(name="a", spec={}, spec_hash="h1", labels={}, request_id="r1")
+    again, created_again = store.create_job(
+        name="a", spec={}, spec_hash="h1", labels={}, request_id="r1"
+    )
     assert created and not created_again and again.id == first.id
     with pytest.raises(AlreadyExists, match="different spec"):
         store.create_job(name="a", spec={}, spec_hash="h2", labels={}, request_id="r1")
@@ -133,8 +139,12 @@ def test_event_log_is_ordered_and_resumable(store):
     job = store.claim("w", 30)
     base = store.get_job(job.id).last_seq  # QUEUED and RUNNING state events
     assert [e.payload["state"] for e in store.read_events(job.id)] == ["QUEUED", "RUNNING"]
-    last = store.append_events(job.id, "w", [NewEvent("step", {"step": i}) for i in range(1, 11)],
-                               {"step": 10, "loss": 0.5})
+    last = store.append_events(
+        job.id,
+        "w",
+        [NewEvent("step", {"step": i}) for i in range(1, 11)],
+        {"step": 10, "loss": 0.5},
+    )
     assert last == base + 10
     tail = store.read_events(job.id, after_seq=base + 4)
     assert [e.payload["step"] for e in tail] == [5, 6, 7, 8, 9, 10]
@@ -146,7 +156,9 @@ def test_event_log_is_ordered_and_resumable(store):
 
 def test_list_filters_and_pages(store):
     for i in range(5):
-        store.create_job(name=f"n{i}", spec={}, spec_hash="h", labels={"team": "a" if i % 2 else "b"})
+        store.create_job(
+            name=f"n{i}", spec={}, spec_hash="h", labels={"team": "a" if i % 2 else "b"}
+        )
     page1 = store.list_jobs(limit=2)
     page2 = store.list_jobs(limit=2, after=(page1[-1].created_at, page1[-1].id))
     assert len(page1) == 2 and len(page2) == 2 and not {j.id for j in page1} & {j.id for j in page2}

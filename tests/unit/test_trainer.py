@@ -7,6 +7,7 @@ import math
 import keras
 import numpy as np
 import pytest
+
 from trainer_client import names
 from trainer_client.spec import JobSpec, load_spec
 from trainer_service.datasets import DataPaths

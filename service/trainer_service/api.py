@@ -1,0 +1,443 @@
+"""The gRPC API: protobuf in, validated spec and store calls, protobuf out.
+
+Protobuf stops here. Domain errors become status codes in one table; anything else is a bug and
+reaches the client as INTERNAL.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy.exc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from trainer.v1 import trainer_pb2 as pb
+from trainer.v1 import trainer_pb2_grpc
+from trainer_client import names
+from trainer_client.spec import JobSpec, SpecError
+from trainer_service.config import Settings
+from trainer_service.errors import TrainerError
+from trainer_service.metrics import Metrics
+from trainer_service.store import (
+    TERMINAL,
+    AlreadyExists,
+    EventRow,
+    Job,
+    JobFinished,
+    JobNotFound,
+    JobState,
+    Store,
+)
+from trainer_service.tail import EventTail
+
+log = logging.getLogger(__name__)
+
+
+class InvalidArgument(TrainerError):
+    reason = "invalid_argument"
+
+
+class ResourceExhausted(TrainerError):
+    reason = "resource_exhausted"
+
+
+class Unavailable(TrainerError):
+    reason = "unavailable"
+
+
+ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (JobNotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (JobFinished, grpc.StatusCode.FAILED_PRECONDITION),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (sqlalchemy.exc.OperationalError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    for kind, code in ERRORS:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _handled(method: Callable) -> Callable:
+    """Map domain errors to their status; log and report anything else as INTERNAL."""
+
+    @functools.wraps(method)
+    def unary(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            _abort(context, exc, method.__name__)
+
+    @functools.wraps(method)
+    def streaming(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:
+            _abort(context, exc, method.__name__)
+
+    return streaming if inspect.isgeneratorfunction(method) else unary
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", rpc)
+        context.abort(code, f"internal error ({type(exc).__name__}); see the server log")
+    if code == grpc.StatusCode.UNAVAILABLE and not isinstance(exc, Unavailable):
+        context.abort(code, "the job store is unavailable; retry shortly")
+    context.abort(code, str(exc))
+
+
+# ---------------------------------------------------------------- conversions
+
+
+def job_id_of(name: str) -> str:
+    job_id = name.removeprefix("jobs/")
+    if not re.fullmatch(r"job-[0-9a-f]{1,40}", job_id):
+        raise JobNotFound(f"no job {name!r} (names look like jobs/job-1a2b...)")
+    return job_id
+
+
+def _ts(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _error(reason: str | None, message: str | None, step: int | None) -> pb.JobError | None:
+    if not reason:
+        return None
+    return pb.JobError(reason=reason, message=message or "", step=step or 0)
+
+
+def job_to_proto(job: Job) -> pb.Job:
+    spec = struct_pb2.Struct()
+    spec.update(job.spec)
+    return pb.Job(
+        name=f"jobs/{job.id}",
+        display_name=job.name,
+        state=pb.JobState.Value(job.state.value),
+        spec=spec,
+        labels=job.labels,
+        priority=job.priority,
+        create_time=_ts(job.created_at),
+        start_time=_ts(job.started_at),
+        end_time=_ts(job.finished_at),
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        error=_error(job.error_reason, job.error_message, job.error_step),
+        step=job.step,
+        total_steps=job.total_steps,
+        loss=job.loss or 0.0,
+        accuracy=job.accuracy or 0.0,
+        test_metrics=job.test_metrics,
+        model_available=bool(job.model_path),
+        last_seq=job.last_seq,
+        request_id=job.request_id or "",
+    )
+
+
+def _payload_error(payload: dict[str, Any]) -> pb.JobError | None:
+    error = payload.get("error") or payload.get("failure")
+    return _error(error["reason"], error["message"], error.get("step")) if error else None
+
+
+def event_to_proto(row: EventRow) -> pb.JobEvent:
+    p, out = row.payload, pb.JobEvent(seq=row.seq, time=_ts(row.time))
+    if row.kind == "step":
+        out.step.CopyFrom(
+            pb.StepEvent(
+                step=p["step"],
+                loss=p["loss"],
+                accuracy=p.get("accuracy"),
+                mae=p.get("mae"),
+                learning_rate=p["learning_rate"],
+                steps_per_second=p["steps_per_second"],
+                examples_per_second=p["examples_per_second"],
+            )
+        )
+    elif row.kind == "eval":
+        out.eval.CopyFrom(pb.EvalEvent(step=p["step"], split=p["split"], values=p["values"]))
+    elif row.kind == "checkpoint":
+        out.checkpoint.CopyFrom(pb.CheckpointEvent(step=p["step"]))
+    elif row.kind == "log":
+        out.log.CopyFrom(pb.LogEvent(message=p["message"], level=p.get("level", "info")))
+    elif row.kind == "state":
+        out.state_change.CopyFrom(
+            pb.StateChange(
+                state=pb.JobState.Value(p["state"]),
+                attempt=p.get("attempt", 0),
+                error=_payload_error(p),
+            )
+        )
+    elif row.kind == "result":
+        out.result.CopyFrom(
+            pb.ResultEvent(
+                outcome=p["outcome"],
+                steps=p["steps"],
+                stop_reason=p["stop_reason"],
+                test_metrics=p.get("test_metrics") or {},
+                final_eval=p.get("final_eval") or {},
+                error=_payload_error(p),
+                duration_seconds=p.get("duration_s", 0.0),
+            )
+        )
+    return out
+
+
+def is_terminal(row: EventRow) -> bool:
+    return row.kind == "state" and JobState(row.payload["state"]) in TERMINAL
+
+
+def spec_hash(spec: JobSpec, priority: int, max_attempts: int) -> str:
+    body = json.dumps([spec.to_dict(), priority, max_attempts], sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def downsample(n: int, max_points: int) -> list[int]:
+    """Indices of at most max_points evenly spread points, always keeping the last."""
+    if max_points <= 0 or n <= max_points:
+        return list(range(n))
+    stride = n / max_points
+    picked = sorted({min(int(i * stride), n - 1) for i in range(max_points)} | {n - 1})
+    return picked[-max_points:]
+
+
+_FILTER_TERM = re.compile(r"^(state|name|label\.[A-Za-z0-9_.-]+)=(\S+)$")
+_UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+CHUNK = 1024 * 1024
+
+
+def parse_filter(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"states": [], "labels": {}, "name": None}
+    for term in text.replace(" AND ", " ").split():
+        match = _FILTER_TERM.match(term)
+        if not match:
+            raise InvalidArgument(
+                f"filter: cannot read {term!r}; use state=RUNNING, name=NAME, label.KEY=VALUE"
+            )
+        key, value = match.groups()
+        if key == "state":
+            try:
+                out["states"].append(JobState(value.upper()))
+            except ValueError:
+                valid = ", ".join(s.value for s in JobState)
+                raise InvalidArgument(f"filter: unknown state {value!r}; valid: {valid}") from None
+        elif key == "name":
+            out["name"] = value
+        else:
+            out["labels"][key.removeprefix("label.")] = value
+    return out
+
+
+# ---------------------------------------------------------------- the service
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, settings: Settings, store: Store, tail: EventTail, metrics: Metrics):
+        self.settings, self.store, self.tail, self.metrics = settings, store, tail, metrics
+        self.draining = False
+
+    def _check_open(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down; submit to another replica or retry")
+
+    @_handled
+    def CreateJob(self, request, context):
+        self._check_open()
+        spec = JobSpec.parse(json_format.MessageToDict(request.spec))
+        if request.priority and not -1000 <= request.priority <= 1000:
+            raise InvalidArgument("priority: must be between -1000 and 1000")
+        if request.max_attempts < 0 or request.max_attempts > 100:
+            raise InvalidArgument("max_attempts: must be between 0 and 100")
+        max_attempts = request.max_attempts or self.settings.max_attempts
+        job, created = self.store.create_job(
+            name=spec.name,
+            spec=spec.to_dict(),
+            spec_hash=spec_hash(spec, request.priority, max_attempts),
+            labels=spec.labels,
+            priority=request.priority,
+            request_id=request.request_id or None,
+            max_attempts=max_attempts,
+            total_steps=spec.training.steps or 0,
+        )
+        if created:
+            self.metrics.submissions.inc()
+            log.info("job %s: created (%s)", job.id, spec.name)
+        return job_to_proto(job)
+
+    @_handled
+    def GetJob(self, request, context):
+        return job_to_proto(self.store.get_job(job_id_of(request.name)))
+
+    @_handled
+    def ListJobs(self, request, context):
+        where = parse_filter(request.filter)
+        size = request.page_size or 50
+        if not 0 < size <= 1000:
+            raise InvalidArgument("page_size: must be between 1 and 1000")
+        after = None
+        if request.page_token:
+            try:
+                created, job_id = base64.urlsafe_b64decode(request.page_token).decode().split("|")
+                after = (float(created), job_id)
+            except ValueError:
+                raise InvalidArgument("page_token: not a token this server gave out") from None
+        found = self.store.list_jobs(after=after, limit=size + 1, **where)
+        token = ""
+        if len(found) > size:
+            found = found[:size]
+            last = found[-1]
+            token = base64.urlsafe_b64encode(f"{last.created_at!r}|{last.id}".encode()).decode()
+        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in found], next_page_token=token)
+
+    @_handled
+    def CancelJob(self, request, context):
+        job = self.store.cancel(job_id_of(request.name))
+        log.info("job %s: cancel requested (%s)", job.id, job.state.value)
+        return job_to_proto(job)
+
+    @_handled
+    def WatchJob(self, request, context) -> Iterator[pb.WatchJobResponse]:
+        job_id = job_id_of(request.name)
+        # Subscribe before reading the store: whatever the read misses, the tail delivers,
+        # and seq numbers drop what both deliver.
+        sub = self.tail.subscribe(job_id)
+        try:
+            job = self.store.get_job(job_id)
+            yield pb.WatchJobResponse(snapshot=job_to_proto(job))
+            cursor, from_store = max(request.after_seq, 0), True
+            while context.is_active():
+                if from_store:
+                    rows = self.store.read_events(job_id, cursor, 1000)
+                    from_store = len(rows) == 1000
+                else:
+                    rows, from_store = sub.take(timeout=1.0)
+                for row in rows:
+                    if row.seq <= cursor:
+                        continue
+                    if row.seq != cursor + 1:  # never expected; the store fills any hole
+                        from_store = True
+                        break
+                    yield pb.WatchJobResponse(event=event_to_proto(row))
+                    cursor = row.seq
+                    if is_terminal(row):
+                        return
+        finally:
+            self.tail.unsubscribe(sub)
+
+    @_handled
+    def GetJobMetrics(self, request, context):
+        job_id = job_id_of(request.name)
+        self.store.get_job(job_id)
+        steps, evals, cursor = [], [], 0
+        while True:
+            rows = self.store.read_events(job_id, cursor, 10000)
+            if not rows:
+                break
+            cursor = rows[-1].seq
+            steps.extend(r.payload for r in rows if r.kind == "step")
+            evals.extend(r.payload for r in rows if r.kind == "eval")
+        keep = downsample(len(steps), request.max_points)
+        picked = [steps[i] for i in keep]
+        nan = float("nan")
+        return pb.JobMetrics(
+            steps=[p["step"] for p in picked],
+            loss=[p["loss"] for p in picked],
+            accuracy=[nan if p["accuracy"] is None else p["accuracy"] for p in picked],
+            mae=[nan if p["mae"] is None else p["mae"] for p in picked],
+            learning_rate=[p["learning_rate"] for p in picked],
+            evals=[
+                pb.EvalEvent(step=e["step"], split=e["split"], values=e["values"]) for e in evals
+            ],
+            total_points=len(steps),
+        )
+
+    @_handled
+    def DownloadModel(self, request, context):
+        job = self.store.get_job(job_id_of(request.name))
+        if not job.model_path or not Path(job.model_path).is_file():
+            raise JobFinished(
+                f"job {job.id} has no model to download (state {job.state.value}); "
+                "a model exists once the job has SUCCEEDED"
+            )
+        path = Path(job.model_path)
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            offset = 0
+            while chunk := f.read(CHUNK):
+                yield pb.DataChunk(
+                    data=chunk, offset=offset, total_size=size, filename=f"{job.name}.keras"
+                )
+                offset += len(chunk)
+
+    @_handled
+    def UploadDataset(self, request_iterator, context):
+        self._check_open()
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "name":
+            raise InvalidArgument("name: the first message must carry the dataset's name")
+        if not _UPLOAD_NAME.match(first.name):
+            raise InvalidArgument("name: use letters, digits, '_', '.', '-' (at most 100)")
+        folder = self.settings.data_dir / "uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{first.name}.npz"
+        partial = final.with_suffix(".partial")
+        digest, size, limit = hashlib.sha256(), 0, self.settings.max_upload_bytes
+        try:
+            with partial.open("wb") as out:
+                for message in request_iterator:
+                    size += len(message.chunk)
+                    if size > limit:
+                        raise ResourceExhausted(
+                            f"upload is larger than the limit of {limit} bytes (max_upload_bytes)"
+                        )
+                    digest.update(message.chunk)
+                    out.write(message.chunk)
+            partial.replace(final)
+        finally:
+            partial.unlink(missing_ok=True)
+        return pb.Dataset(
+            name=first.name,
+            path=f"uploads/{final.name}",
+            size_bytes=size,
+            sha256=digest.hexdigest(),
+        )
+
+    @_handled
+    def ListCapabilities(self, request, context):
+        aliases = {
+            f"{kind}/{alias}": target
+            for kind, table in names.ALIASES.items()
+            for alias, target in table.items()
+        }
+        c = names.CANONICAL
+        return pb.Capabilities(
+            architectures=c["architecture"],
+            layers=c["layer"],
+            activations=c["activation"],
+            losses=c["loss"],
+            optimizers=c["optimizer"],
+            metrics=c["metric"],
+            datasets=c["dataset"],
+            schedules=c["schedule"],
+            aliases=aliases,
+        )

@@ -1,0 +1,114 @@
+"""Every Prometheus metric of the service, on an injected registry.
+
+The per-job gauges are set by the event tail from the same events the WatchJob streams carry,
+so a scrape and a watcher always agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_JOB = ("job_id", "name")
+_DURATIONS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+_WAITS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300, 1800)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        self.job_loss = Gauge(
+            "trainer_job_loss", "Batch loss of the job's last step.", _JOB, registry=registry
+        )
+        self.job_accuracy = Gauge(
+            "trainer_job_accuracy",
+            "Batch accuracy (mae for regression) of the last step.",
+            _JOB,
+            registry=registry,
+        )
+        self.job_step = Gauge(
+            "trainer_job_step", "Last step the job reported.", _JOB, registry=registry
+        )
+        self.job_steps_per_second = Gauge(
+            "trainer_job_steps_per_second",
+            "Training throughput of the job's last window.",
+            _JOB,
+            registry=registry,
+        )
+        self.submissions = Counter(
+            "trainer_job_submissions_total", "Jobs created.", registry=registry
+        )
+        self.completions = Counter(
+            "trainer_job_completions_total",
+            "Jobs that ended, by state.",
+            ("state",),
+            registry=registry,
+        )
+        self.failures = Counter(
+            "trainer_job_failures_total", "Failed jobs by reason.", ("reason",), registry=registry
+        )
+        self.retries = Counter(
+            "trainer_job_retries_total",
+            "Jobs requeued after their worker was lost.",
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "trainer_job_queue_wait_seconds",
+            "From queued to running.",
+            buckets=_WAITS,
+            registry=registry,
+        )
+        self.job_duration = Histogram(
+            "trainer_job_duration_seconds",
+            "From running to a terminal state.",
+            buckets=_DURATIONS,
+            registry=registry,
+        )
+        self.step_time = Histogram(
+            "trainer_step_time_seconds",
+            "Seconds per training step, observed once per window.",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            "trainer_queue_depth", "Jobs by state.", ("state",), registry=registry
+        )
+        self.workers = Gauge(
+            "trainer_workers", "Worker processes by status.", ("status",), registry=registry
+        )
+        self._ended: dict[tuple[str, str], float] = {}
+
+    def job_progress(
+        self,
+        job_id: str,
+        name: str,
+        step: int,
+        loss: float,
+        accuracy: float | None,
+        steps_per_second: float,
+    ) -> None:
+        self.job_step.labels(job_id, name).set(step)
+        self.job_loss.labels(job_id, name).set(loss)
+        if accuracy is not None:
+            self.job_accuracy.labels(job_id, name).set(accuracy)
+        self.job_steps_per_second.labels(job_id, name).set(steps_per_second)
+
+    def job_ended(self, job_id: str, name: str) -> None:
+        self._ended[(job_id, name)] = time.monotonic()
+
+    def forget_ended(self, linger_seconds: float) -> None:
+        """Drop per-job series a while after the job ended, so the scrape stays small."""
+        now = time.monotonic()
+        for key, ended in list(self._ended.items()):
+            if now - ended >= linger_seconds:
+                for gauge in (
+                    self.job_loss,
+                    self.job_accuracy,
+                    self.job_step,
+                    self.job_steps_per_second,
+                ):
+                    with contextlib.suppress(KeyError):  # never set (e.g. no accuracy)
+                        gauge.remove(*key)
+                del self._ended[key]

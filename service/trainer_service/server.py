@@ -1,0 +1,187 @@
+"""`trainer serve`: the gRPC server, the metrics port, the worker supervisor and the rescuer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from trainer.v1 import trainer_pb2, trainer_pb2_grpc
+from trainer_service.api import TrainerServicer
+from trainer_service.config import Settings
+from trainer_service.metrics import Metrics
+from trainer_service.store import JobState, Store
+from trainer_service.tail import EventTail
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+def gpu_ids(spec: str) -> list[str]:
+    """GPU ids for `--gpus`: none, all (as many as nvidia-smi lists), or a list like 0,1."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return []
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, check=False).stdout
+        return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+    return [g.strip() for g in spec.split(",") if g.strip()]
+
+
+class Supervisor:
+    """One worker process per GPU (pinned with CUDA_VISIBLE_DEVICES) or N on the CPU; a worker
+    that dies is started again, and its job comes back through the lease rescuer."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        gpus = gpu_ids(settings.gpus)
+        # An empty CUDA_VISIBLE_DEVICES hides every GPU from a CPU worker.
+        self.slots = [(f"gpu{g}", g) for g in gpus] or [
+            (f"cpu{i}", "") for i in range(settings.workers)
+        ]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts = 0
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def worker_id(self, slot: str) -> str:
+        return f"{os.uname().nodename}-{os.getpid()}-{slot}"
+
+    def _env(self, devices: str) -> dict[str, str]:
+        s = self.settings
+        env = dict(os.environ)  # PATH, PYTHONPATH and the like; TRAINER_* are set below
+        env.update(
+            TRAINER_STORE=s.store_url,
+            TRAINER_DATA_DIR=str(s.data_dir.resolve()),
+            TRAINER_LEASE_SECONDS=str(s.lease_seconds),
+            TRAINER_HEARTBEAT_SECONDS=str(s.heartbeat_seconds),
+            TRAINER_POLL_SECONDS=str(s.poll_seconds),
+            CUDA_VISIBLE_DEVICES=devices,
+        )
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        return env
+
+    def _spawn(self, slot: str, devices: str) -> None:
+        cmd = [sys.executable, "-m", "trainer_service.worker", "--worker-id", self.worker_id(slot)]
+        self.procs[slot] = subprocess.Popen(cmd, env=self._env(devices))
+        log.info("worker %s: started, pid %d", slot, self.procs[slot].pid)
+
+    def start(self) -> None:
+        with self.lock:
+            for slot, devices in self.slots:
+                self._spawn(slot, devices)
+        threading.Thread(target=self._watch, name="supervisor", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(0.5):
+            with self.lock:
+                for slot, devices in self.slots:
+                    proc = self.procs.get(slot)
+                    if proc is not None and proc.poll() is not None and not self.stopping.is_set():
+                        log.warning(
+                            "worker %s: exited with %s; starting it again", slot, proc.returncode
+                        )
+                        self.restarts += 1
+                        self._spawn(slot, devices)
+
+    def pids(self) -> dict[str, int]:
+        with self.lock:
+            return {slot: p.pid for slot, p in self.procs.items()}
+
+    def stop(self, grace: float) -> None:
+        self.stopping.set()
+        with self.lock:
+            procs = list(self.procs.values())
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Server:
+    def __init__(self, settings: Settings, store: Store | None = None):
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store or Store(settings.store_url)
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.tail = EventTail(
+            self.store, self.metrics, settings.tail_poll_seconds, settings.metrics_linger_seconds
+        )
+        self.servicer = TrainerServicer(settings, self.store, self.tail, self.metrics)
+        self.health = health.HealthServicer()
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+            options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+        )
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        self.port = self.grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.metrics_port = 0
+        self.supervisor = Supervisor(settings) if settings.workers > 0 else None
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        self.tail.start()
+        self.grpc.start()
+        http, _ = start_http_server(
+            self.settings.metrics_port, addr=self.settings.host, registry=self.registry
+        )
+        self.metrics_http = http
+        self.metrics_port = http.server_port
+        if self.supervisor:
+            self.supervisor.start()
+        threading.Thread(target=self._housekeeping, name="rescuer", daemon=True).start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _housekeeping(self) -> None:
+        """Requeue jobs whose worker stopped renewing its lease; refresh the queue gauges."""
+        interval = min(self.settings.lease_seconds / 3, 1.0)
+        while not self.stopping.wait(interval):
+            try:
+                for job_id, state in self.store.rescue():
+                    log.warning("job %s: lease expired; now %s", job_id, state.value)
+                depth = self.store.queue_depth()
+                for state, count in depth.items():
+                    self.metrics.queue_depth.labels(state).set(count)
+                if self.supervisor:
+                    busy = depth[JobState.RUNNING.value] + depth[JobState.CANCELLING.value]
+                    total = len(self.supervisor.slots)
+                    self.metrics.workers.labels("busy").set(min(busy, total))
+                    self.metrics.workers.labels("idle").set(max(total - busy, 0))
+            except Exception:  # the store may be down for a moment; try again next round
+                log.exception("housekeeping failed")
+
+    def stop(self, grace: float = 10.0) -> None:
+        self.servicer.draining = True
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.stopping.set()
+        if self.supervisor:
+            self.supervisor.stop(grace)
+        self.grpc.stop(grace=1.0).wait()
+        self.tail.stop()
+        self.metrics_http.shutdown()
+        self.store.close()

@@ -1,0 +1,145 @@
+"""The event tail: one reader of the store's new events, feeding every watcher and the gauges.
+
+Many watchers of one job cost one read of the store. Each watcher has a bounded buffer; one that
+falls behind is told to catch up from the store itself, so a slow watcher never holds memory or
+slows anyone else, and sequence numbers keep its stream free of gaps and duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict, deque
+
+from trainer_service.metrics import Metrics
+from trainer_service.store import TERMINAL, EventRow, JobState, Store
+
+log = logging.getLogger(__name__)
+
+BUFFER_LIMIT = 2000
+
+
+class Subscription:
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.buffer: deque[EventRow] = deque()
+        self.overflowed = False
+        self.ready = threading.Condition()
+
+    def push(self, rows: list[EventRow]) -> None:
+        with self.ready:
+            if len(self.buffer) + len(rows) > BUFFER_LIMIT:
+                self.buffer.clear()
+                self.overflowed = True
+            else:
+                self.buffer.extend(rows)
+            self.ready.notify_all()
+
+    def take(self, timeout: float) -> tuple[list[EventRow], bool]:
+        """(buffered rows, whether the watcher must re-read from the store)."""
+        with self.ready:
+            if not self.buffer and not self.overflowed:
+                self.ready.wait(timeout)
+            rows, overflowed = list(self.buffer), self.overflowed
+            self.buffer.clear()
+            self.overflowed = False
+            return rows, overflowed
+
+
+class EventTail:
+    def __init__(
+        self, store: Store, metrics: Metrics, poll_seconds: float, linger_seconds: float = 300.0
+    ):
+        self.store, self.metrics = store, metrics
+        self.poll_seconds, self.linger_seconds = poll_seconds, linger_seconds
+        self.cursor = store.last_event_id()
+        self.subs: dict[str, set[Subscription]] = defaultdict(set)
+        self.lock = threading.Lock()
+        self.names: dict[str, str] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="event-tail", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+    def subscribe(self, job_id: str) -> Subscription:
+        sub = Subscription(job_id)
+        with self.lock:
+            self.subs[job_id].add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self.lock:
+            self.subs[sub.job_id].discard(sub)
+            if not self.subs[sub.job_id]:
+                del self.subs[sub.job_id]
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                moved = self.poll_once()
+            except Exception:  # the store may be briefly unavailable; keep tailing
+                log.exception("event tail: reading the store failed")
+                moved = False
+            if not moved:
+                self.stopping.wait(self.poll_seconds)
+
+    def poll_once(self) -> bool:
+        rows = self.store.events_since(self.cursor)
+        if not rows:
+            self.metrics.forget_ended(self.linger_seconds)
+            return False
+        self.cursor = rows[-1].id
+        by_job: dict[str, list[EventRow]] = defaultdict(list)
+        for row in rows:
+            by_job[row.job_id].append(row)
+        for job_id, job_rows in by_job.items():
+            self._observe(job_id, job_rows)
+            with self.lock:
+                subs = list(self.subs.get(job_id, ()))
+            for sub in subs:
+                sub.push(job_rows)
+        return True
+
+    def _observe(self, job_id: str, rows: list[EventRow]) -> None:
+        steps = [r for r in rows if r.kind == "step"]
+        if steps:
+            name = self._name(job_id)
+            last = steps[-1].payload
+            value = last.get("accuracy") if last.get("accuracy") is not None else last.get("mae")
+            self.metrics.job_progress(
+                job_id, name, last["step"], last["loss"], value, last["steps_per_second"]
+            )
+            if last["steps_per_second"] > 0:  # one sample per poll: a window's step time
+                self.metrics.step_time.observe(1.0 / last["steps_per_second"])
+        for r in rows:
+            if r.kind != "state":
+                continue
+            state = JobState(r.payload["state"])
+            if state == JobState.QUEUED and r.payload.get("attempt", 0) > 0:
+                self.metrics.retries.inc()
+            if state in TERMINAL:
+                self.metrics.completions.labels(state.value).inc()
+                error = r.payload.get("error")
+                if state == JobState.FAILED and error:
+                    self.metrics.failures.labels(error["reason"]).inc()
+                self._timings(job_id)
+                self.metrics.job_ended(job_id, self._name(job_id))
+            elif state == JobState.RUNNING:
+                job = self.store.get_job(job_id)
+                if job.started_at:
+                    self.metrics.queue_wait.observe(max(job.started_at - job.queued_at, 0.0))
+
+    def _timings(self, job_id: str) -> None:
+        job = self.store.get_job(job_id)
+        if job.started_at and job.finished_at:
+            self.metrics.job_duration.observe(job.finished_at - job.started_at)
+
+    def _name(self, job_id: str) -> str:
+        if job_id not in self.names:
+            self.names[job_id] = self.store.get_job(job_id).name
+        return self.names[job_id]
