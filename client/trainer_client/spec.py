@@ -484,6 +484,8 @@ class RuntimeSpec(_Spec):
     @classmethod
     def _positive_or_auto(cls, v: Any) -> Any:
         # Checked here so the error is one message, not one per member of the union.
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)  # JSON (and protobuf Struct) numbers arrive as floats
         if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
             return v
         raise ValueError(f"must be a number of steps greater than 0, or 'auto'; got {v!r}")
