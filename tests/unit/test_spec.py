@@ -436,3 +436,12 @@ def test_client_spec_does_not_import_tensorflow():
     code = "import sys, trainer_client.spec, trainer_client.cli; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_whole_floats_from_json_are_accepted_as_counts():
+    spec = JobSpec.parse(
+        {"training": {"steps": 10.0, "batch_size": 16.0}, "runtime": {"steps_per_execution": 5.0}}
+    )
+    assert spec.training.steps == 10 and spec.runtime.steps_per_execution == 5
+    with pytest.raises(SpecError, match="steps_per_execution"):
+        JobSpec.parse({"runtime": {"steps_per_execution": 2.5}})

@@ -1,0 +1,97 @@
+"""The api module's pure parts: the error table, names, filters, downsampling, conversions."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import sqlalchemy.exc
+
+from trainer.v1 import trainer_pb2 as pb
+from trainer_client.spec import JobSpec, SpecError
+from trainer_service import api
+from trainer_service.store import AlreadyExists, EventRow, JobFinished, JobNotFound, JobState
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (SpecError([]), grpc.StatusCode.INVALID_ARGUMENT),
+        (JobNotFound("x"), grpc.StatusCode.NOT_FOUND),
+        (AlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS),
+        (JobFinished("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (api.ResourceExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (api.Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (sqlalchemy.exc.OperationalError("s", {}, Exception("down")), grpc.StatusCode.UNAVAILABLE),
+        (ZeroDivisionError(), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_error_table(exc, code):
+    assert api.status_for(exc) == code
+
+
+def test_job_names():
+    assert api.job_id_of("jobs/job-abc123") == "job-abc123" == api.job_id_of("job-abc123")
+    for bad in ("", "jobs/", "jobs/x", "job-XYZ", "jobs/job-1/../x"):
+        with pytest.raises(JobNotFound):
+            api.job_id_of(bad)
+
+
+def test_filters():
+    parsed = api.parse_filter("state=running label.team=vision AND name=seed")
+    assert parsed == {"states": [JobState.RUNNING], "labels": {"team": "vision"}, "name": "seed"}
+    with pytest.raises(api.InvalidArgument, match="valid: QUEUED"):
+        api.parse_filter("state=asleep")
+
+
+@pytest.mark.parametrize(("n", "k"), [(0, 5), (3, 5), (100, 10), (5001, 7), (10, 1)])
+def test_downsample_keeps_the_last_point_and_the_count(n, k):
+    picked = api.downsample(n, k)
+    assert len(picked) == min(n, k) and picked == sorted(set(picked))
+    if n:
+        assert picked[-1] == n - 1
+
+
+def test_spec_hash_ignores_spelling_but_not_content():
+    a = JobSpec.parse({"loss": "mse", "dataset": "linear", "model": "linear"})
+    b = JobSpec.parse({"loss": "mean_squared_error", "dataset": "linear", "model": "linear"})
+    c = JobSpec.parse({"loss": "mae", "dataset": "linear", "model": "linear"})
+    assert api.spec_hash(a, 0, 3) == api.spec_hash(b, 0, 3) != api.spec_hash(c, 0, 3)
+    assert api.spec_hash(a, 0, 3) != api.spec_hash(a, 1, 3)
+
+
+def test_event_conversion():
+    row = EventRow(
+        1,
+        "job-1",
+        4,
+        "step",
+        {
+            "step": 7,
+            "loss": 0.5,
+            "accuracy": None,
+            "mae": 0.1,
+            "learning_rate": 0.01,
+            "steps_per_second": 9.0,
+            "examples_per_second": 90.0,
+        },
+        1000.5,
+    )
+    ev = api.event_to_proto(row)
+    assert ev.seq == 4 and ev.step.step == 7 and not ev.step.HasField("accuracy")
+    assert ev.step.mae == pytest.approx(0.1) and ev.time.seconds == 1000
+    state = api.event_to_proto(
+        EventRow(
+            2,
+            "job-1",
+            5,
+            "state",
+            {
+                "state": "FAILED",
+                "attempt": 1,
+                "error": {"reason": "non_finite_loss", "message": "m", "step": 3},
+            },
+            1.0,
+        )
+    )
+    assert state.state_change.state == pb.FAILED and state.state_change.error.step == 3
+    assert api.is_terminal(EventRow(3, "job-1", 6, "state", {"state": "CANCELLED"}, 1.0))
