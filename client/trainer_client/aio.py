@@ -57,13 +57,14 @@ class AsyncJob:
                 )
                 async for response in call:
                     deadline = None
-                    if response.WhichOneof("kind") != "event":
+                    if response.WhichOneof("kind") != "batch":
                         continue
-                    event = event_from_proto(response.event)
-                    cursor = event.seq
-                    yield event
-                    if isinstance(event, StateEvent) and event.terminal:
-                        return
+                    for proto in response.batch.events:
+                        event = event_from_proto(proto)
+                        cursor = event.seq
+                        yield event
+                        if isinstance(event, StateEvent) and event.terminal:
+                            return
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:

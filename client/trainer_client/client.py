@@ -190,13 +190,14 @@ class Job:
                 )
                 for response in responses:
                     deadline = None
-                    if response.WhichOneof("kind") != "event":
+                    if response.WhichOneof("kind") != "batch":
                         continue
-                    event = event_from_proto(response.event)
-                    cursor = event.seq
-                    yield event
-                    if isinstance(event, StateEvent) and event.terminal:
-                        return
+                    for proto in response.batch.events:
+                        event = event_from_proto(proto)
+                        cursor = event.seq
+                        yield event
+                        if isinstance(event, StateEvent) and event.terminal:
+                            return
                 return  # the server closed the stream after the terminal event
             except grpc.RpcError as exc:
                 if exc.code() not in _RETRYABLE:

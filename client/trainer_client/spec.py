@@ -471,7 +471,7 @@ class RuntimeSpec(_Spec):
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     steps_per_execution: PositiveInt | Literal["auto"] = Field(
         "auto",
-        description="Steps run on the device per call; 'auto' sizes it to about 0.25 s of "
+        description="Steps run on the device per call; 'auto' sizes it to about 0.1 s of "
         "training, which is also how often per-step values are fetched and stops are checked.",
     )
 

@@ -13,6 +13,8 @@ import inspect
 import json
 import logging
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -251,9 +253,31 @@ def parse_filter(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the service
 
 
+class ProtoCache:
+    """Each event is converted to protobuf once, however many watchers receive it."""
+
+    def __init__(self, size: int = 50_000):
+        self.size = size
+        self.items: OrderedDict[int, pb.JobEvent] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, row: EventRow) -> pb.JobEvent:
+        with self.lock:
+            found = self.items.get(row.id)
+            if found is not None:
+                return found
+        proto = event_to_proto(row)
+        with self.lock:
+            self.items[row.id] = proto
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return proto
+
+
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(self, settings: Settings, store: Store, tail: EventTail, metrics: Metrics):
         self.settings, self.store, self.tail, self.metrics = settings, store, tail, metrics
+        self.protos = ProtoCache()
         self.draining = False
 
     def _check_open(self) -> None:
@@ -331,16 +355,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     from_store = len(rows) == 1000
                 else:
                     rows, from_store = sub.take(timeout=1.0)
+                batch, done = [], False
                 for row in rows:
                     if row.seq <= cursor:
                         continue
                     if row.seq != cursor + 1:  # never expected; the store fills any hole
                         from_store = True
                         break
-                    yield pb.WatchJobResponse(event=event_to_proto(row))
+                    batch.append(self.protos.get(row))
                     cursor = row.seq
                     if is_terminal(row):
-                        return
+                        done = True
+                        break
+                if batch:
+                    yield pb.WatchJobResponse(batch=pb.EventBatch(events=batch))
+                if done:
+                    return
         finally:
             self.tail.unsubscribe(sub)
 

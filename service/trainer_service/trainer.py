@@ -37,7 +37,7 @@ Emit = Callable[[Event], None]
 ShouldStop = Callable[[], bool]
 
 MAX_WINDOW = 100
-WINDOW_SECONDS = 0.25
+WINDOW_SECONDS = 0.1  # also bounds how stale a streamed step can be
 KEEP_CHECKPOINTS = 2
 # Metrics where larger is better; everything else (loss, errors) is minimised.
 _MAXIMISED = ("accuracy", "auc", "precision", "recall", "r2_score", "cosine_similarity")
@@ -59,13 +59,14 @@ def train(
     workdir: Path | str,
     paths: DataPaths | None = None,
     resume: bool = False,
+    job_id: str | None = None,
 ) -> ResultEvent:
     """Train `spec`, emitting events; return (and emit) the final ResultEvent.
 
     `workdir` receives checkpoints and the saved model. With `resume`, training continues
     from the latest checkpoint there, if any. A run that fails while training (non-finite
     loss, timeout, out of memory) ends in a failed result; a dataset that cannot be had
-    raises a `TrainerError`.
+    raises a `TrainerError`. `job_id` names the job in log lines (the spec's name otherwise).
     """
     started = time.monotonic()
     workdir = Path(workdir)
@@ -75,6 +76,7 @@ def train(
     try:
         with _placement(spec):
             run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started)
+            run.job_id = job_id or spec.name
             result = run.execute(resume)
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -133,10 +135,11 @@ class _Run:
         self.paths: DataPaths = paths
         self.started: float = started
         self.deadline = started + spec.training.max_duration if spec.training.max_duration else None
+        self.job_id = spec.name
 
     def log(self, message: str, *args) -> None:
         text = message % args if args else message
-        log.info("job %s: %s", self.spec.name, text)
+        log.info("job %s: %s", self.job_id, text)
         self.emit(LogEvent(text, time.time()))
 
     # ---------------------------------------------------------------- setup

@@ -114,6 +114,7 @@ class Worker:
                 workdir=self.settings.job_dir(job.id),
                 paths=self.paths,
                 resume=job.attempts > 1,
+                job_id=job.id,
             )
         except (TrainerError, NoGPU, SpecError) as exc:
             self._fail(run, getattr(exc, "reason", "invalid_spec"), str(exc))

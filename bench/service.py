@@ -1,0 +1,178 @@
+"""The service against bare Keras, and its latencies, measured in one run on loopback.
+
+throughput   the seed MLP job (5001 steps) through the service with one watcher attached,
+             against bare Keras's best (tf.data, steps_per_execution=100) in the same process
+             as this script, alternating rounds. Service throughput is taken over the span the
+             engine trains (model built -> last step), as bench/overhead.py does for train().
+50 watchers  the same job with 50 watchers streaming every step, against one watcher.
+submit->RUNNING  tiny jobs submitted one at a time to an idle warm worker: the client's send
+             time to the RUNNING event's time (one machine, one clock).
+step->client     for every step of the seed job: the time a watcher received it minus the
+             time the step finished on the worker.
+
+  python bench/service.py [--rounds 3] [--latency-jobs 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from overhead import bare_numpy, bare_tfdata
+
+from trainer_client.client import TrainingClient
+from trainer_client.spec import load_spec
+from trainer_service import datasets
+
+SEED = Path(__file__).parents[1] / "examples" / "mnist_mlp.yaml"
+TINY = {"model": "linear", "dataset": "linear", "training": {"steps": 1, "batch_size": 10}}
+
+
+def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trainer_client.cli",
+            "serve",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--workers",
+            "1",
+            "--data-dir",
+            str(data_dir),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    match = re.search(r"grpc (\S+:\d+)", proc.stdout.readline())
+    assert match, "server did not start"
+    return proc, match.group(1)
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(int(q * len(values)), len(values) - 1)]
+
+
+def watch(client: TrainingClient, name: str, out: list, latencies: list | None) -> None:
+    for event in client.job(name).stream():
+        now = time.time()
+        out.append(event)
+        if latencies is not None and event.kind == "step":
+            latencies.append(now - event.time)
+
+
+def service_run(client: TrainingClient, spec, watchers: int) -> tuple[float, list[float]]:
+    job = client.submit(spec)
+    streams: list[list] = [[] for _ in range(watchers)]
+    latencies: list[float] = []
+    threads = [
+        threading.Thread(
+            target=watch, args=(client, job.name, streams[i], latencies if i == 0 else None)
+        )
+        for i in range(watchers)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    info = job.info()
+    assert info.state == "SUCCEEDED", info
+    events = streams[0]
+    steps = [e for e in events if e.kind == "step"]
+    assert len(steps) == spec.training.steps and all(
+        len([e for e in s if e.kind == "step"]) == len(steps) for s in streams
+    )
+    built = next(e for e in events if e.kind == "log" and e.message.startswith("built"))
+    return len(steps) / (steps[-1].time - built.time), latencies
+
+
+def submit_latency(client: TrainingClient, count: int) -> list[float]:
+    out = []
+    for _ in range(count):
+        sent = time.time()
+        job = client.submit(TINY)
+        running = next(e for e in job.stream() if e.kind == "state" and e.state == "RUNNING")
+        out.append(running.time - sent)
+        job.wait(timeout=60)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-jobs", type=int, default=40)
+    args = parser.parse_args()
+
+    spec = load_spec(SEED).model_copy(deep=True)
+    spec.training.eval_every = None
+    data = datasets.load(spec, datasets.DataPaths(download=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, address = start_server(Path(tmp) / "data")
+        try:
+            with TrainingClient(address) as client:
+                client.submit(TINY).wait(timeout=120)  # the worker is warm from here on
+                bare, one, fifty, step_lat = [], [], [], []
+                for r in range(args.rounds):
+                    bare.append(
+                        max(
+                            bare_tfdata(data.x_train, data.y_train, 5001, 100),
+                            bare_numpy(data.x_train, data.y_train, 5001, 50),
+                        )
+                    )
+                    sps, lat = service_run(client, spec, 1)
+                    one.append(sps)
+                    step_lat.extend(lat)
+                    fifty.append(service_run(client, spec, 50)[0])
+                    print(
+                        f"round {r + 1}: bare {bare[-1]:.0f}, service+1 watcher {one[-1]:.0f}, "
+                        f"service+50 watchers {fifty[-1]:.0f} steps/s",
+                        flush=True,
+                    )
+                submit = submit_latency(client, args.latency_jobs)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    print()
+    for label, values in (
+        ("bare Keras", bare),
+        ("service, 1 watcher", one),
+        ("service, 50 watchers", fifty),
+    ):
+        best, median = max(values), statistics.median(values)
+        print(f"{label + ' best':<26}{best:7.0f} steps/s (median {median:.0f})")
+    ratio = max(one) / max(bare)
+    spread = max(fifty) / max(one)
+    p50, p99 = percentile(submit, 0.5) * 1000, percentile(submit, 0.99) * 1000
+    s50, s99 = percentile(step_lat, 0.5) * 1000, percentile(step_lat, 0.99) * 1000
+    print(f"\nservice with a watcher / bare Keras:   {ratio:.3f}  (target >= 0.93)")
+    print(f"50 watchers / 1 watcher:               {spread:.3f}  (target within 3%)")
+    print(
+        f"submit->RUNNING ms over {len(submit)} jobs: p50 {p50:.1f}  p99 {p99:.1f}  "
+        "(target p50 < 100)"
+    )
+    print(
+        f"step->client ms over {len(step_lat)} steps: p50 {s50:.1f}  p99 {s99:.1f}  "
+        "(target p99 < 250)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
