@@ -254,24 +254,26 @@ def parse_filter(text: str) -> dict[str, Any]:
 
 
 class ProtoCache:
-    """Each event is converted to protobuf once, however many watchers receive it."""
+    """Watchers in step receive the same runs of events: each run becomes one response
+    message, built once however many watchers send it."""
 
-    def __init__(self, size: int = 50_000):
+    def __init__(self, size: int = 2_000):
         self.size = size
-        self.items: OrderedDict[int, pb.JobEvent] = OrderedDict()
+        self.items: OrderedDict[tuple[int, int], pb.WatchJobResponse] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, row: EventRow) -> pb.JobEvent:
+    def response(self, rows: list[EventRow]) -> pb.WatchJobResponse:
+        key = (rows[0].id, rows[-1].id)  # ids are global and consecutive within a job's run
         with self.lock:
-            found = self.items.get(row.id)
-            if found is not None:
-                return found
-        proto = event_to_proto(row)
-        with self.lock:
-            self.items[row.id] = proto
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-        return proto
+            found = self.items.get(key)
+        if found is None:
+            batch = pb.EventBatch(events=[event_to_proto(r) for r in rows])
+            found = pb.WatchJobResponse(batch=batch)
+            with self.lock:
+                self.items[key] = found
+                while len(self.items) > self.size:
+                    self.items.popitem(last=False)
+        return found
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -362,13 +364,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     if row.seq != cursor + 1:  # never expected; the store fills any hole
                         from_store = True
                         break
-                    batch.append(self.protos.get(row))
+                    batch.append(row)
                     cursor = row.seq
                     if is_terminal(row):
                         done = True
                         break
                 if batch:
-                    yield pb.WatchJobResponse(batch=pb.EventBatch(events=batch))
+                    yield self.protos.response(batch)
                 if done:
                     return
         finally:

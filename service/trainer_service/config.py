@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 0.5
     max_attempts: int = 3
     poll_seconds: float = 0.02
-    tail_poll_seconds: float = 0.02
+    tail_poll_seconds: float = 0.05
     max_upload_bytes: int = 512 * 1024 * 1024
     metrics_linger_seconds: float = 300.0
 

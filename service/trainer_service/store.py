@@ -199,6 +199,11 @@ class Store:
             self.reader = sa.create_engine(url)
             sa_event.listen(self.reader, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        self._insert_events = (
+            f"INSERT INTO events (job_id, seq, kind, payload, time) "
+            f"VALUES ({', '.join([mark] * 5)})"
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -465,16 +470,12 @@ class Store:
         last = conn.execute(sa.select(jobs.c.last_seq).where(jobs.c.id == job_id)).scalar_one()
         if not new:
             return last
-        conn.execute(
-            events.insert(),
+        # Straight to the driver's executemany: a window of step events is one call, without
+        # SQLAlchemy's per-row parameter processing on the training hot path.
+        conn.exec_driver_sql(
+            self._insert_events,
             [
-                {
-                    "job_id": job_id,
-                    "seq": last + i + 1,
-                    "kind": e.kind,
-                    "payload": json.dumps(e.payload, allow_nan=True),
-                    "time": e.time,
-                }
+                (job_id, last + i + 1, e.kind, json.dumps(e.payload, allow_nan=True), e.time)
                 for i, e in enumerate(new)
             ],
         )

@@ -30,10 +30,20 @@ log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+_SKIP = {"kind", "time", "seq"}
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def event_payload(event: Event) -> dict[str, Any]:
-    payload = dataclasses.asdict(event)
-    payload.pop("kind")
-    payload.pop("time", None)
+    """The event's fields as JSON-ready values (dataclasses.asdict is slow on the hot path)."""
+    names = _FIELDS.get(type(event))
+    if names is None:
+        names = _FIELDS[type(event)] = tuple(
+            f.name for f in dataclasses.fields(event) if f.name not in _SKIP
+        )
+    payload = {name: getattr(event, name) for name in names}
+    if payload.get("failure") is not None:
+        payload["failure"] = dataclasses.asdict(payload["failure"])
     return payload
 
 
