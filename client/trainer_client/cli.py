@@ -219,43 +219,44 @@ def _plot(args: argparse.Namespace) -> int:
         print(f"{info.id}: no steps recorded yet", file=sys.stderr)
         return 1
     regression = all(math.isnan(a) for a in m.accuracy)
+    name = "mae" if regression else "accuracy"
+    key = "mean_absolute_error" if regression else "accuracy"
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(m.steps, m.loss, lw=0.8, label="batch loss")
-    ax_acc.plot(
-        m.steps,
-        m.mae if regression else m.accuracy,
-        lw=0.8,
-        label="batch mae" if regression else "batch accuracy",
+    curves = (
+        (ax_loss, m.loss, "loss", "loss"),
+        (ax_acc, m.mae if regression else m.accuracy, name, key),
     )
-    for split in sorted({e.split for e in m.evals}):
-        evals = [e for e in m.evals if e.split == split]
-        ax_loss.plot(
-            [e.step for e in evals],
-            [e.values.get("loss") for e in evals],
-            "o-",
-            label=f"{split} loss",
-        )
-        key = "mean_absolute_error" if regression else "accuracy"
-        if all(key in e.values for e in evals):
-            ax_acc.plot(
+    for ax, series, label, eval_key in curves:
+        # Batch values are noisy: drawn faint, with their moving average on top.
+        ax.plot(m.steps, series, lw=0.6, alpha=0.35, color="tab:blue", label=f"batch {label}")
+        smooth = _moving_average(series, max(len(series) // 50, 1))
+        ax.plot(m.steps, smooth, lw=1.6, color="tab:blue", label=f"batch {label}, average")
+        for split in sorted({e.split for e in m.evals}):
+            evals = [e for e in m.evals if e.split == split and eval_key in e.values]
+            ax.plot(
                 [e.step for e in evals],
-                [e.values[key] for e in evals],
+                [e.values[eval_key] for e in evals],
                 "o-",
-                label=f"{split} {key}",
+                color="tab:orange",
+                label=f"{split} {label}",
             )
-    ax_loss.set(xlabel="step", ylabel="loss", title=f"{info.display_name}: loss")
-    ax_acc.set(
-        xlabel="step",
-        ylabel="mae" if regression else "accuracy",
-        title=f"{info.display_name}: {'mae' if regression else 'accuracy'}",
-    )
-    for ax in (ax_loss, ax_acc):
+        ax.set(xlabel="step", ylabel=label, title=f"{info.display_name}: {label}")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
     fig.savefig(args.output, dpi=110)
     print(args.output)
     return 0
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def _serve(args: argparse.Namespace) -> int:

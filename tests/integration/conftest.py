@@ -17,7 +17,7 @@ READY = re.compile(r"grpc (\S+):(\d+) metrics \S+:(\d+) workers (\d+)")
 
 
 class ServiceProcess:
-    def __init__(self, data_dir: Path, workers: int = 1, **settings: object):
+    def __init__(self, data_dir: Path, workers: int = 1, port: int = 0, **settings: object):
         self.data_dir = data_dir
         env = dict(os.environ)
         env.update({f"TRAINER_{k.upper()}": str(v) for k, v in settings.items()})
@@ -31,7 +31,7 @@ class ServiceProcess:
                 "trainer_client.cli",
                 "serve",
                 "--port",
-                "0",
+                str(port),
                 "--metrics-port",
                 "0",
                 "--workers",
@@ -49,8 +49,9 @@ class ServiceProcess:
         if not match:
             self.stop()
             raise RuntimeError(f"server did not start: {line!r}\n{self.log_path.read_text()}")
-        host, port, metrics_port, _ = match.groups()
-        self.address = f"{host}:{port}"
+        host, bound, metrics_port, _ = match.groups()
+        self.port = int(bound)
+        self.address = f"{host}:{bound}"
         self.metrics_url = f"http://{host}:{metrics_port}/metrics"
 
     def worker_pids(self) -> list[int]:

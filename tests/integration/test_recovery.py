@@ -77,3 +77,21 @@ def test_a_server_restart_mid_job_loses_nothing(start_service, tmp_path, how):
     assert [e.seq for e in seen + rest] == [e.seq for e in everything]
     assert [e.seq for e in everything] == list(range(1, len(everything) + 1))
     assert {e.step for e in everything if e.kind == "step"} == set(range(1, 2501))
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stream_resumes_by_itself_across_a_server_restart(start_service, tmp_path, how):
+    data = tmp_path / "same-port"
+    first = start_service(data, workers=1, lease_seconds=2)
+    with TrainingClient(first.address) as c:
+        job = c.submit(checkpointed(2000, "streamed"))
+        events = []
+        stream = job.stream()
+        for event in stream:  # the same iterator, on through the restart
+            events.append(event)
+            if event.kind == "step" and event.step == 200:
+                first.stop(how)
+                start_service(data, workers=1, lease_seconds=2, port=first.port)
+    assert events[-1].kind == "state" and events[-1].state == "SUCCEEDED"
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert {e.step for e in events if e.kind == "step"} == set(range(1, 2001))

@@ -308,3 +308,28 @@ def test_priorities_order_the_queue(start_service):
         low_info, high_info = low.wait(timeout=60), high.wait(timeout=60)
     assert low_info.state == high_info.state == "SUCCEEDED"
     assert high_info.start_time < low_info.start_time
+
+
+def test_a_slow_watcher_slows_neither_training_nor_other_watchers(client):
+    import threading
+
+    job = client.submit(classes(4000, "watched-slowly"))
+    fast, slow, finished = [], [], threading.Event()
+
+    def read_slowly():
+        for event in job.stream():
+            slow.append(event)
+            if not finished.is_set():
+                time.sleep(0.01)  # about 100 events a second, far behind the job
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    fast.extend(job.stream())
+    info = job.wait(timeout=120)
+    finished.set()
+    behind = len(slow)
+    reader.join(timeout=120)
+    assert info.state == "SUCCEEDED" and fast[-1].kind == "state"
+    assert behind < len(fast) / 2, "the slow watcher was expected to lag far behind"
+    # Having lagged past the server's buffer, it caught up from the store: all of it, in order.
+    assert [e.seq for e in slow] == [e.seq for e in fast] == list(range(1, len(fast) + 1))
