@@ -100,12 +100,12 @@ def test_cancel_a_queued_and_a_running_job(client):
     queued = client.submit(classes(50, "waiting"))
     assert queued.info().state == "QUEUED"
     assert queued.cancel().state == "CANCELLED"
-    before = time.monotonic()
     for job in running:
+        before = time.monotonic()
         assert job.cancel().state in ("CANCELLING", "CANCELLED")
-    for job in running:
         assert job.wait(timeout=30).state == "CANCELLED"
-    assert time.monotonic() - before < 10
+        # Seen at the next lease renewal (0.5 s) after the current window; slack for this box.
+        assert time.monotonic() - before < 3
     events = list(running[0].stream())
     assert states_of(events)[-2:] == ["CANCELLING", "CANCELLED"]
     with pytest.raises(grpc.RpcError) as caught:

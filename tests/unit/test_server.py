@@ -1,0 +1,32 @@
+"""Worker slots: one pinned process per GPU, or N CPU workers with every GPU hidden."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer_service.config import Settings
+from trainer_service.server import Supervisor, gpu_ids
+
+
+def test_gpu_lists():
+    assert gpu_ids("none") == []
+    assert gpu_ids("0,2") == ["0", "2"]
+    assert gpu_ids(" 1 , ") == ["1"]
+
+
+def test_one_worker_per_listed_gpu_each_pinned(tmp_path: Path):
+    sup = Supervisor(Settings(gpus="0,1", workers=5, data_dir=tmp_path))
+    assert sup.slots == [("gpu0", "0"), ("gpu1", "1")]
+    envs = [sup._env(devices) for _, devices in sup.slots]
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1"]
+
+
+def test_cpu_workers_see_no_gpu_and_share_the_store(tmp_path: Path):
+    settings = Settings(gpus="none", workers=3, data_dir=tmp_path, lease_seconds=7)
+    sup = Supervisor(settings)
+    assert [slot for slot, _ in sup.slots] == ["cpu0", "cpu1", "cpu2"]
+    env = sup._env("")
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    assert env["TRAINER_STORE"] == settings.store_url
+    assert env["TRAINER_LEASE_SECONDS"] == "7.0"
+    assert env["TRAINER_DATA_DIR"] == str(tmp_path.resolve())
