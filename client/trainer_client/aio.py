@@ -24,9 +24,10 @@ from trainer_client.client import (
     JobInfo,
     Metrics,
     _spec_struct,
-    event_from_proto,
+    events_of,
+    metrics_from_proto,
 )
-from trainer_client.events import EvalEvent, Event, StateEvent
+from trainer_client.events import Event, StateEvent
 from trainer_client.spec import JobSpec, load_spec
 
 
@@ -57,14 +58,12 @@ class AsyncJob:
                 )
                 async for response in call:
                     deadline = None
-                    if response.WhichOneof("kind") != "batch":
-                        continue
-                    for proto in response.batch.events:
-                        event = event_from_proto(proto)
+                    for event in events_of(response):
                         cursor = event.seq
                         yield event
                         if isinstance(event, StateEvent) and event.terminal:
                             return
+                return
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE:
@@ -88,19 +87,8 @@ class AsyncJob:
         )
 
     async def metrics(self, max_points: int = 0) -> Metrics:
-        m = await self.client._call(
-            "GetJobMetrics", pb.GetJobMetricsRequest(name=self.name, max_points=max_points)
-        )
-        evals = [EvalEvent(e.step, e.split, dict(e.values), 0.0) for e in m.evals]  # type: ignore[arg-type]
-        return Metrics(
-            list(m.steps),
-            list(m.loss),
-            list(m.accuracy),
-            list(m.mae),
-            list(m.learning_rate),
-            evals,
-            m.total_points,
-        )
+        request = pb.GetJobMetricsRequest(name=self.name, max_points=max_points)
+        return metrics_from_proto(await self.client._call("GetJobMetrics", request))
 
     async def download_model(self, path: str | Path) -> Path:
         path = Path(path)

@@ -154,6 +154,26 @@ def event_from_proto(ev: pb.JobEvent) -> Event:
     )
 
 
+def events_of(response: pb.WatchJobResponse) -> list[Event]:
+    """The events a WatchJob message carries (none for the snapshot)."""
+    if response.WhichOneof("kind") != "batch":
+        return []
+    return [event_from_proto(proto) for proto in response.batch.events]
+
+
+def metrics_from_proto(m: pb.JobMetrics) -> Metrics:
+    evals = [EvalEvent(e.step, e.split, dict(e.values), 0.0) for e in m.evals]  # type: ignore[arg-type]
+    return Metrics(
+        list(m.steps),
+        list(m.loss),
+        list(m.accuracy),
+        list(m.mae),
+        list(m.learning_rate),
+        evals,
+        m.total_points,
+    )
+
+
 def _spec_struct(spec: JobSpec) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     out.update(spec.to_dict())
@@ -190,10 +210,7 @@ class Job:
                 )
                 for response in responses:
                     deadline = None
-                    if response.WhichOneof("kind") != "batch":
-                        continue
-                    for proto in response.batch.events:
-                        event = event_from_proto(proto)
+                    for event in events_of(response):
                         cursor = event.seq
                         yield event
                         if isinstance(event, StateEvent) and event.terminal:
@@ -224,19 +241,8 @@ class Job:
         )
 
     def metrics(self, max_points: int = 0) -> Metrics:
-        m = self.client._call(
-            "GetJobMetrics", pb.GetJobMetricsRequest(name=self.name, max_points=max_points)
-        )
-        evals = [EvalEvent(e.step, e.split, dict(e.values), 0.0) for e in m.evals]  # type: ignore[arg-type]
-        return Metrics(
-            list(m.steps),
-            list(m.loss),
-            list(m.accuracy),
-            list(m.mae),
-            list(m.learning_rate),
-            evals,
-            m.total_points,
-        )
+        request = pb.GetJobMetricsRequest(name=self.name, max_points=max_points)
+        return metrics_from_proto(self.client._call("GetJobMetrics", request))
 
     def download_model(self, path: str | Path) -> Path:
         """Write the trained model (.keras) to `path` (a file, or a folder to put it in)."""

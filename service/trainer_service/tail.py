@@ -129,6 +129,7 @@ class EventTail:
                     self.metrics.failures.labels(error["reason"]).inc()
                 self._timings(job_id)
                 self.metrics.job_ended(job_id, self._name(job_id))
+                self.names.pop(job_id, None)  # a long-lived server sees many jobs
             elif state == JobState.RUNNING:
                 job = self.store.get_job(job_id)
                 if job.started_at:
