@@ -61,6 +61,7 @@ def test_a_server_restart_mid_job_loses_nothing(start_service, tmp_path, how):
     first = start_service(data, workers=1, lease_seconds=2)
     with TrainingClient(first.address) as c:
         job = c.submit(checkpointed(2500, "restarted"))
+        waiting = c.submit(classes(20, "queued-behind"))  # one worker: this one stays queued
         seen = []
         for event in job.stream():
             seen.append(event)
@@ -73,6 +74,7 @@ def test_a_server_restart_mid_job_loses_nothing(start_service, tmp_path, how):
         rest = list(job.stream(after_seq=seen[-1].seq))
         info = job.info()
         everything = list(job.stream())
+        assert c.job(waiting.name).wait(timeout=60).state == "SUCCEEDED"
     assert info.state == "SUCCEEDED" and succeeded_count(everything) == 1
     assert [e.seq for e in seen + rest] == [e.seq for e in everything]
     assert [e.seq for e in everything] == list(range(1, len(everything) + 1))
