@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -226,6 +227,8 @@ def downsample(n: int, max_points: int) -> list[int]:
 _FILTER_TERM = re.compile(r"^(state|name|label\.[A-Za-z0-9_.-]+)=(\S+)$")
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CHUNK = 1024 * 1024
+PACE_PER_WATCHER = 0.01  # seconds between one watcher's messages, per watcher of the job
+MAX_PACE = 0.5
 
 
 def parse_filter(text: str) -> dict[str, Any]:
@@ -350,12 +353,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         try:
             job = self.store.get_job(job_id)
             yield pb.WatchJobResponse(snapshot=job_to_proto(job))
-            cursor, from_store = max(request.after_seq, 0), True
+            cursor, from_store, sent = max(request.after_seq, 0), True, 0.0
             while context.is_active():
                 if from_store:
                     rows = self.store.read_events(job_id, cursor, 1000)
                     from_store = len(rows) == 1000
                 else:
+                    # Many watchers of one job: each gets fewer, larger messages, so the fan-out
+                    # costs the machine little; a lone watcher still gets every window at once.
+                    pace = min(PACE_PER_WATCHER * self.tail.watchers(job_id), MAX_PACE)
+                    time.sleep(max(sent + pace - time.monotonic(), 0.0))
                     rows, from_store = sub.take(timeout=1.0)
                 batch, done = [], False
                 for row in rows:
@@ -371,6 +378,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                         break
                 if batch:
                     yield self.protos.response(batch)
+                    sent = time.monotonic()
                 if done:
                     return
         finally:

@@ -72,6 +72,10 @@ class EventTail:
             self.subs[job_id].add(sub)
         return sub
 
+    def watchers(self, job_id: str) -> int:
+        with self.lock:
+            return len(self.subs.get(job_id, ()))
+
     def unsubscribe(self, sub: Subscription) -> None:
         with self.lock:
             self.subs[sub.job_id].discard(sub)
