@@ -16,7 +16,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from typing import Any
 
 from trainer_client.events import Event, ResultEvent
@@ -54,9 +53,32 @@ class _JobRun:
         self.worker, self.job = worker, job
         self.buffer: list[NewEvent] = []
         self.progress: dict[str, Any] = {}
-        self.last_beat = time.monotonic()
         self.cancel = False
         self.lost = False
+        # Its own thread: one device call may outlast the lease, and the lease must not lapse.
+        self.done = threading.Event()
+        self.beater = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
+
+    def __enter__(self) -> _JobRun:
+        self.beater.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.beater.join(timeout=10)
+
+    def _beat(self) -> None:
+        worker = self.worker
+        while not self.done.wait(worker.settings.heartbeat_seconds):
+            try:
+                self.cancel = worker.store.heartbeat(
+                    self.job.id, worker.id, worker.settings.lease_seconds
+                )
+            except LeaseLost:
+                self.lost = True
+                return
+            except Exception:  # the store may be down for a moment; the lease has slack
+                log.warning("job %s: heartbeat failed; trying again", self.job.id, exc_info=True)
 
     def emit(self, event: Event) -> None:
         if self.lost:
@@ -81,15 +103,6 @@ class _JobRun:
     def should_stop(self) -> bool:
         # Called once per reporting window, right after that window's step events.
         self.flush()
-        now = time.monotonic()
-        if now - self.last_beat >= self.worker.settings.heartbeat_seconds and not self.lost:
-            self.last_beat = now
-            try:
-                self.cancel = self.worker.store.heartbeat(
-                    self.job.id, self.worker.id, self.worker.settings.lease_seconds
-                )
-            except LeaseLost:
-                self.lost = True
         return self.cancel or self.lost or self.worker.stopping.is_set()
 
 
@@ -111,10 +124,13 @@ class Worker:
         log.info("worker %s: stopped", self.id)
 
     def run_job(self, job: Job) -> None:
+        log.info("job %s: attempt %d on worker %s", job.id, job.attempts, self.id)
+        with _JobRun(self, job) as run:
+            self._run(job, run)
+
+    def _run(self, job: Job, run: _JobRun) -> None:
         from trainer_service.trainer import NoGPU, train
 
-        log.info("job %s: attempt %d on worker %s", job.id, job.attempts, self.id)
-        run = _JobRun(self, job)
         try:
             spec = JobSpec.parse(job.spec)
             result = train(

@@ -97,3 +97,15 @@ def test_a_stream_resumes_by_itself_across_a_server_restart(start_service, tmp_p
     assert events[-1].kind == "state" and events[-1].state == "SUCCEEDED"
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     assert {e.step for e in events if e.kind == "step"} == set(range(1, 2001))
+
+
+def test_a_device_call_longer_than_the_lease_is_not_redelivered(start_service):
+    svc = start_service(workers=1, lease_seconds=1.5)
+    spec = classes(5000, "long-window")
+    spec["runtime"] = {"steps_per_execution": 5000}  # one device call, far past the lease
+    with TrainingClient(svc.address) as c:
+        job = c.submit(spec)
+        info = job.wait(timeout=120)
+        events = list(job.stream())
+    assert info.state == "SUCCEEDED" and info.attempts == 1
+    assert [e.state for e in events if e.kind == "state"] == ["QUEUED", "RUNNING", "SUCCEEDED"]
