@@ -25,6 +25,7 @@ from trainer_client.client import (
     Metrics,
     _spec_struct,
     events_of,
+    job_name,
     metrics_from_proto,
 )
 from trainer_client.events import Event, StateEvent
@@ -34,7 +35,7 @@ from trainer_client.spec import JobSpec, load_spec
 class AsyncJob:
     def __init__(self, client: AsyncTrainingClient, name: str):
         self.client = client
-        self.name = name if name.startswith("jobs/") else f"jobs/{name}"
+        self.name = job_name(name)
         self.id = self.name.removeprefix("jobs/")
 
     def __repr__(self) -> str:

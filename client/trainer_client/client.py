@@ -174,6 +174,11 @@ def metrics_from_proto(m: pb.JobMetrics) -> Metrics:
     )
 
 
+def job_name(name: str) -> str:
+    """ "jobs/job-…" from either that or the bare id."""
+    return name if name.startswith("jobs/") else f"jobs/{name}"
+
+
 def _spec_struct(spec: JobSpec) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     out.update(spec.to_dict())
@@ -185,7 +190,7 @@ class Job:
 
     def __init__(self, client: TrainingClient, name: str):
         self.client = client
-        self.name = name if name.startswith("jobs/") else f"jobs/{name}"
+        self.name = job_name(name)
         self.id = self.name.removeprefix("jobs/")
 
     def __repr__(self) -> str:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,3 @@ class StateEvent:
 
 
 Event = StepEvent | EvalEvent | CheckpointEvent | LogEvent | ResultEvent | StateEvent
-
-
-def to_dict(event: Event) -> dict[str, Any]:
-    return asdict(event)

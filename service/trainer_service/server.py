@@ -52,7 +52,6 @@ class Supervisor:
             (f"cpu{i}", "") for i in range(settings.workers)
         ]
         self.procs: dict[str, subprocess.Popen] = {}
-        self.restarts = 0
         self.stopping = threading.Event()
         self.lock = threading.Lock()
 
@@ -93,12 +92,7 @@ class Supervisor:
                         log.warning(
                             "worker %s: exited with %s; starting it again", slot, proc.returncode
                         )
-                        self.restarts += 1
                         self._spawn(slot, devices)
-
-    def pids(self) -> dict[str, int]:
-        with self.lock:
-            return {slot: p.pid for slot, p in self.procs.items()}
 
     def stop(self, grace: float) -> None:
         self.stopping.set()

@@ -75,8 +75,7 @@ def train(
     keras.config.set_dtype_policy(spec.runtime.precision)
     try:
         with _placement(spec):
-            run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started)
-            run.job_id = job_id or spec.name
+            run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started, job_id)
             result = run.execute(resume)
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -127,7 +126,7 @@ def latest_checkpoint(workdir: Path | str) -> tuple[int, Path] | None:
 
 
 class _Run:
-    def __init__(self, spec, emit, should_stop, workdir, paths, started):
+    def __init__(self, spec, emit, should_stop, workdir, paths, started, job_id=None):
         self.spec: JobSpec = spec
         self.emit: Emit = emit
         self.should_stop: ShouldStop = should_stop
@@ -135,7 +134,7 @@ class _Run:
         self.paths: DataPaths = paths
         self.started: float = started
         self.deadline = started + spec.training.max_duration if spec.training.max_duration else None
-        self.job_id = spec.name
+        self.job_id = job_id or spec.name
 
     def log(self, message: str, *args) -> None:
         text = message % args if args else message
