@@ -259,44 +259,112 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _service_settings(args: argparse.Namespace):
+    from trainer_service.config import Settings
+
+    given = {k: getattr(args, k, None) for k in _SERVICE_FLAGS}
+    return Settings(**{k: v for k, v in given.items() if v is not None})
+
+
+_SERVICE_FLAGS = (
+    "port",
+    "metrics_port",
+    "workers",
+    "gpus",
+    "store",
+    "data_dir",
+    "host",
+    "artifacts",
+)
+
+
+def _until_signalled() -> None:
     import signal
     import threading
 
-    from trainer_service.config import Settings
-    from trainer_service.server import Server
-
-    given = {
-        "port": args.port,
-        "metrics_port": args.metrics_port,
-        "workers": args.workers,
-        "gpus": args.gpus,
-        "store": args.store,
-        "data_dir": args.data_dir,
-        "host": args.host,
-    }
-    settings = Settings(**{k: v for k, v in given.items() if v is not None})
-    logging.getLogger().setLevel(logging.INFO)
-    server = Server(settings)
-    server.start()
-    workers = len(server.supervisor.slots) if server.supervisor else 0
-    print(
-        f"trainer serve: grpc {settings.host}:{server.port} metrics "
-        f"{settings.host}:{server.metrics_port} workers {workers} store {settings.store_url}",
-        flush=True,
-    )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     done.wait()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from trainer_service.schema import SchemaError
+    from trainer_service.server import Server
+
+    settings = _service_settings(args)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        server = Server(settings)
+    except SchemaError as exc:
+        print(f"trainer serve: {exc}", file=sys.stderr)
+        return 5
+    server.start()
+    workers = len(server.supervisor.slots) if server.supervisor else 0
+    store = _safe(settings.store_url)
+    print(
+        f"trainer serve: grpc {settings.host}:{server.port} metrics "
+        f"{settings.host}:{server.metrics_port} workers {workers} store {store}",
+        flush=True,
+    )
+    _until_signalled()
     server.stop()
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from trainer_service import worker
+    """Workers on this machine joining the pool of a shared store: one per GPU, or N."""
+    from trainer_service.schema import SchemaError
+    from trainer_service.server import Supervisor
+    from trainer_service.store import Store
 
-    return worker.main(["--worker-id", args.worker_id] if args.worker_id else [])
+    settings = _service_settings(args)
+    logging.getLogger().setLevel(logging.INFO)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        Store(settings.store_url).close()  # refuse a schema this version does not know, now
+    except SchemaError as exc:
+        print(f"trainer worker: {exc}", file=sys.stderr)
+        return 5
+    supervisor = Supervisor(settings)
+    supervisor.start()
+    slots = ", ".join(slot for slot, _ in supervisor.slots)
+    print(f"trainer worker: {slots} store {_safe(settings.store_url)}", flush=True)
+    _until_signalled()
+    supervisor.stop(grace=10.0)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from trainer_service import schema
+    from trainer_service.store import engine_url
+
+    settings = _service_settings(args)
+    if settings.store is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(engine_url(settings.store_url))
+    try:
+        before, after = schema.upgrade(engine)
+    except schema.SchemaError as exc:
+        print(f"trainer migrate: {exc}", file=sys.stderr)
+        return 5
+    finally:
+        engine.dispose()
+    where = _safe(settings.store_url)
+    if before == after:
+        print(f"{where}: already at schema revision {after}")
+    else:
+        print(f"{where}: schema revision {before or 'none'} -> {after}")
+    return 0
+
+
+def _safe(url: str) -> str:
+    """The URL with any password hidden, for printing."""
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,12 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--metrics-port", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="CPU workers when no GPU is used")
-    p.add_argument("--gpus", default=None, help="all, none, or a list like 0,1")
+    _store_flags(p)
+    p = command("worker", _worker, "run this machine's workers against a shared store", False)
+    _store_flags(p)
+    p = command("migrate", _migrate, "create or upgrade the store's schema", False)
     p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
     p.add_argument("--data-dir", default=None)
-    p = command("worker", _worker, "run one worker against the store (TRAINER_STORE)", False)
-    p.add_argument("--worker-id", default=None)
 
     p = command("submit", _submit, "submit a job file")
     p.add_argument("file")
@@ -368,6 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     except _rpc_error() as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 4
+
+
+def _store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None, help="CPU workers when no GPU is used")
+    p.add_argument("--gpus", default=None, help="all, none, or a list like 0,1")
+    p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument(
+        "--artifacts", default=None, help="models and checkpoints: a folder or fsspec URL"
+    )
 
 
 def _rpc_error() -> type[Exception]:

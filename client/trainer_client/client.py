@@ -61,6 +61,7 @@ class JobInfo:
     start_time: float | None
     end_time: float | None
     last_seq: int
+    worker: str = ""
     spec: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
@@ -94,6 +95,7 @@ class JobInfo:
             start_time=ts("start_time"),
             end_time=ts("end_time"),
             last_seq=job.last_seq,
+            worker=job.worker,
             spec=json_format.MessageToDict(job.spec),
         )
 

@@ -17,7 +17,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,6 +27,7 @@ from trainer.v1 import trainer_pb2 as pb
 from trainer.v1 import trainer_pb2_grpc
 from trainer_client import names
 from trainer_client.spec import JobSpec, SpecError
+from trainer_service.artifacts import ArtifactStore
 from trainer_service.config import Settings
 from trainer_service.errors import TrainerError
 from trainer_service.metrics import Metrics
@@ -67,6 +67,7 @@ ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (sqlalchemy.exc.OperationalError, grpc.StatusCode.UNAVAILABLE),
+    (sqlalchemy.exc.InterfaceError, grpc.StatusCode.UNAVAILABLE),
 ]
 
 
@@ -155,6 +156,7 @@ def job_to_proto(job: Job) -> pb.Job:
         model_available=bool(job.model_path),
         last_seq=job.last_seq,
         request_id=job.request_id or "",
+        worker=job.worker or "",
     )
 
 
@@ -280,8 +282,16 @@ class ProtoCache:
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, settings: Settings, store: Store, tail: EventTail, metrics: Metrics):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        tail: EventTail,
+        metrics: Metrics,
+        artifacts: ArtifactStore,
+    ):
         self.settings, self.store, self.tail, self.metrics = settings, store, tail, metrics
+        self.artifacts = artifacts
         self.protos = ProtoCache()
         self.draining = False
 
@@ -307,6 +317,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             request_id=request.request_id or None,
             max_attempts=max_attempts,
             total_steps=spec.training.steps or 0,
+            needs="gpu" if spec.runtime.device == "gpu" else "any",
         )
         if created:
             self.metrics.submissions.inc()
@@ -414,14 +425,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @_handled
     def DownloadModel(self, request, context):
         job = self.store.get_job(job_id_of(request.name))
-        if not job.model_path or not Path(job.model_path).is_file():
+        key = job.model_path
+        if not key or not self.artifacts.exists(key):
             raise JobFinished(
                 f"job {job.id} has no model to download (state {job.state.value}); "
                 "a model exists once the job has SUCCEEDED"
             )
-        path = Path(job.model_path)
-        size = path.stat().st_size
-        with path.open("rb") as f:
+        size = self.artifacts.size(key)
+        with self.artifacts.open(key) as f:
             offset = 0
             while chunk := f.read(CHUNK):
                 yield pb.DataChunk(
@@ -440,8 +451,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         folder = self.settings.data_dir / "uploads"
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{first.name}.npz"
-        partial = final.with_suffix(".partial")
+        partial = folder / f".{first.name}.{threading.get_ident()}.partial"
         digest, size, limit = hashlib.sha256(), 0, self.settings.max_upload_bytes
+        key = f"uploads/{final.name}"
         try:
             with partial.open("wb") as out:
                 for message in request_iterator:
@@ -453,14 +465,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     digest.update(message.chunk)
                     out.write(message.chunk)
             partial.replace(final)
+            # Workers on other machines fetch it from the artifact store by this key.
+            self.artifacts.put(final, key)
         finally:
             partial.unlink(missing_ok=True)
-        return pb.Dataset(
-            name=first.name,
-            path=f"uploads/{final.name}",
-            size_bytes=size,
-            sha256=digest.hexdigest(),
-        )
+        return pb.Dataset(name=first.name, path=key, size_bytes=size, sha256=digest.hexdigest())
 
     @_handled
     def ListCapabilities(self, request, context):

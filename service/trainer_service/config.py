@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -17,11 +18,17 @@ class Settings(BaseSettings):
     gpus: str = "none"  # all | none | 0,1
     store: str | None = None  # a SQLAlchemy URL; SQLite under data_dir when unset
     data_dir: Path = Path("trainer-data")
+    # Models, checkpoints and uploads: any fsspec URL (s3://bucket/prefix); data_dir when unset.
+    artifacts: str | None = None
+    artifact_options: dict[str, Any] = {}  # fsspec options, e.g. {"endpoint_url": ...} (JSON)
     lease_seconds: float = 30.0
     heartbeat_seconds: float = 0.5
     max_attempts: int = 3
     poll_seconds: float = 0.02
     tail_poll_seconds: float = 0.05
+    # With PostgreSQL, NOTIFY wakes idle workers and the tail; this poll is only a safety net.
+    notify_poll_seconds: float = 1.0
+    worker_seen_seconds: float = 5.0  # how often an idle worker says it is alive
     max_upload_bytes: int = 512 * 1024 * 1024
     metrics_linger_seconds: float = 300.0
 
@@ -30,6 +37,14 @@ class Settings(BaseSettings):
         if self.store:
             return self.store
         return f"sqlite:///{(self.data_dir / 'trainer.db').resolve()}"
+
+    @property
+    def artifacts_url(self) -> str:
+        return self.artifacts or str(self.data_dir.resolve())
+
+    @property
+    def uses_notify(self) -> bool:
+        return self.store_url.startswith(("postgresql", "postgres"))
 
     def job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id

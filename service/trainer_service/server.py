@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -18,10 +19,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from trainer_service.api import TrainerServicer
+from trainer_service.artifacts import ArtifactStore
 from trainer_service.config import Settings
 from trainer_service.metrics import Metrics
-from trainer_service.store import JobState, Store
+from trainer_service.store import EVENTS_CHANNEL, Store
 from trainer_service.tail import EventTail
+from trainer_service.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -64,6 +67,9 @@ class Supervisor:
         env.update(
             TRAINER_STORE=s.store_url,
             TRAINER_DATA_DIR=str(s.data_dir.resolve()),
+            TRAINER_ARTIFACTS=s.artifacts_url,
+            TRAINER_ARTIFACT_OPTIONS=json.dumps(s.artifact_options),
+            TRAINER_NOTIFY_POLL_SECONDS=str(s.notify_poll_seconds),
             TRAINER_LEASE_SECONDS=str(s.lease_seconds),
             TRAINER_HEARTBEAT_SECONDS=str(s.heartbeat_seconds),
             TRAINER_POLL_SECONDS=str(s.poll_seconds),
@@ -115,12 +121,19 @@ class Server:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store(settings.store_url)
+        self.artifacts = ArtifactStore(settings.artifacts_url, settings.artifact_options)
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.tail = EventTail(
-            self.store, self.metrics, settings.tail_poll_seconds, settings.metrics_linger_seconds
+        self.wakeups = Wakeups(settings.store_url, (EVENTS_CHANNEL,))
+        poll = (
+            settings.notify_poll_seconds if self.wakeups.listening else settings.tail_poll_seconds
         )
-        self.servicer = TrainerServicer(settings, self.store, self.tail, self.metrics)
+        self.tail = EventTail(
+            self.store, self.metrics, poll, settings.metrics_linger_seconds, self.wakeups
+        )
+        self.servicer = TrainerServicer(
+            settings, self.store, self.tail, self.metrics, self.artifacts
+        )
         self.health = health.HealthServicer()
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
@@ -137,6 +150,7 @@ class Server:
         self.stopping = threading.Event()
 
     def start(self) -> None:
+        self.wakeups.start()
         self.tail.start()
         self.grpc.start()
         http, _ = start_http_server(
@@ -160,11 +174,13 @@ class Server:
                 depth = self.store.queue_depth()
                 for state, count in depth.items():
                     self.metrics.queue_depth.labels(state).set(count)
-                if self.supervisor:
-                    busy = depth[JobState.RUNNING.value] + depth[JobState.CANCELLING.value]
-                    total = len(self.supervisor.slots)
-                    self.metrics.workers.labels("busy").set(min(busy, total))
-                    self.metrics.workers.labels("idle").set(max(total - busy, 0))
+                # Every worker of the pool, on this machine or another, as the store sees it.
+                live = {
+                    w.id for w in self.store.live_workers(3 * self.settings.worker_seen_seconds)
+                }
+                busy = live & self.store.busy_workers()
+                self.metrics.workers.labels("busy").set(len(busy))
+                self.metrics.workers.labels("idle").set(len(live - busy))
             except Exception:  # the store may be down for a moment; try again next round
                 log.exception("housekeeping failed")
 
@@ -177,5 +193,6 @@ class Server:
             self.supervisor.stop(grace)
         self.grpc.stop(grace=1.0).wait()
         self.tail.stop()
+        self.wakeups.stop()
         self.metrics_http.shutdown()
         self.store.close()

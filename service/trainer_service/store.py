@@ -1,8 +1,14 @@
-"""Jobs, their states and leases, and the append-only event log, in one relational store.
+"""Jobs, their states and leases, the workers, and the append-only event log.
 
-SQLite (a WAL file) is the embedded default; the schema is plain SQLAlchemy Core so the
-PostgreSQL engine shares it. Every state change goes through `transition()`, which refuses to
+Two engines, one schema (trainer_service.schema): SQLite in WAL mode is the embedded default,
+PostgreSQL is for scale-out. Every state change goes through `transition()`, which refuses to
 leave a terminal state, stamps times, and writes the state-change event in the same transaction.
+
+On PostgreSQL, write transactions lock the job rows they change (claims skip rows another
+claimer holds), and every transaction that appends events takes one advisory lock just before
+its insert and holds it to commit, so event ids become visible in increasing order and the event
+tail can read "everything after id N" without missing a slower, earlier transaction. Callers
+append last in their transaction, so that lock is never held while waiting for a row.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
+from trainer_service import schema
 from trainer_service.errors import TrainerError
+from trainer_service.schema import events, jobs, workers
 
 
 class JobState(str, Enum):
@@ -65,54 +73,6 @@ class LeaseLost(TrainerError):
     reason = "lease_lost"
 
 
-metadata = sa.MetaData()
-jobs = sa.Table(
-    "jobs",
-    metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("name", sa.String(64), nullable=False),
-    sa.Column("spec", sa.Text, nullable=False),
-    sa.Column("labels", sa.Text, nullable=False, default="{}"),
-    sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("priority", sa.Integer, nullable=False, default=0),
-    sa.Column("request_id", sa.String(128), unique=True),
-    sa.Column("spec_hash", sa.String(64), nullable=False),
-    sa.Column("created_at", sa.Float, nullable=False),
-    sa.Column("queued_at", sa.Float, nullable=False),
-    sa.Column("started_at", sa.Float),
-    sa.Column("finished_at", sa.Float),
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("max_attempts", sa.Integer, nullable=False, default=3),
-    sa.Column("lease_owner", sa.String(128)),
-    sa.Column("lease_expires_at", sa.Float),
-    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
-    sa.Column("error_reason", sa.String(64)),
-    sa.Column("error_message", sa.Text),
-    sa.Column("error_step", sa.BigInteger),
-    sa.Column("step", sa.BigInteger, nullable=False, default=0),
-    sa.Column("total_steps", sa.BigInteger, nullable=False, default=0),
-    sa.Column("loss", sa.Float),
-    sa.Column("accuracy", sa.Float),
-    sa.Column("test_metrics", sa.Text, nullable=False, default="{}"),
-    sa.Column("model_path", sa.Text),
-    sa.Column("last_seq", sa.BigInteger, nullable=False, default=0),
-    sa.Index("ix_jobs_queue", "state", "priority", "queued_at"),
-    sa.Index("ix_jobs_created", "created_at", "id"),
-)
-events = sa.Table(
-    "events",
-    metadata,
-    # A global, increasing id lets one tail read every job's new events in one query.
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("job_id", sa.String(64), nullable=False),
-    sa.Column("seq", sa.BigInteger, nullable=False),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("payload", sa.Text, nullable=False),
-    sa.Column("time", sa.Float, nullable=False),
-    sa.UniqueConstraint("job_id", "seq", name="uq_events_job_seq"),
-)
-
-
 @dataclass
 class Job:
     id: str
@@ -142,6 +102,8 @@ class Job:
     test_metrics: dict[str, float]
     model_path: str | None
     last_seq: int
+    needs: str = "any"
+    worker: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -185,20 +147,50 @@ def new_job_id() -> str:
     return f"job-{uuid.uuid4().hex[:20]}"
 
 
-class Store:
-    """The jobs table, the queue on top of it, and the event log."""
+def engine_url(url: str) -> str:
+    """postgresql:// and postgres:// URLs use psycopg 3 (SQLAlchemy's default is psycopg2)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
 
-    def __init__(self, url: str):
-        self.url = url
-        self.engine = sa.create_engine(url)
-        self.reader = self.engine
-        if self.engine.dialect.name == "sqlite":
+
+# Held from an event insert to its commit, so event ids commit in increasing order.
+_EVENT_LOCK = 0x74726576  # "trev"
+QUEUE_CHANNEL = "trainer_queue"
+EVENTS_CHANNEL = "trainer_events"
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    devices: list[str]
+    gpus: int
+    started_at: float
+    seen_at: float
+    stopped_at: float | None
+
+
+class Store:
+    """The jobs table, the queue on top of it, the workers, and the event log."""
+
+    def __init__(self, url: str, *, create: bool = True):
+        self.url = engine_url(url)
+        self.dialect = sa.make_url(self.url).get_backend_name()
+        self.postgres = self.dialect == "postgresql"
+        if self.postgres:
+            # pre_ping: after a database restart, stale pooled connections are replaced, not used.
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=10)
+            self.reader = self.engine
+        else:
+            self.engine = sa.create_engine(self.url)
             sa_event.listen(self.engine, "connect", _sqlite_pragmas)
             sa_event.listen(self.engine, "begin", _sqlite_begin_immediate)
             # Reads get their own engine without the write lock, so WAL readers never wait.
-            self.reader = sa.create_engine(url)
+            self.reader = sa.create_engine(self.url)
             sa_event.listen(self.reader, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        schema.check(self.engine, create=create)
         mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         self._insert_events = (
             f"INSERT INTO events (job_id, seq, kind, payload, time) "
@@ -208,6 +200,10 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
         self.reader.dispose()
+
+    def _locked(self, query: sa.Select, *, skip_locked: bool = False) -> sa.Select:
+        # SQLite's BEGIN IMMEDIATE already serialises writers; FOR UPDATE is PostgreSQL's way.
+        return query.with_for_update(skip_locked=skip_locked) if self.postgres else query
 
     # ---------------------------------------------------------------- jobs
 
@@ -222,9 +218,42 @@ class Store:
         request_id: str | None = None,
         max_attempts: int = 3,
         total_steps: int = 0,
+        needs: str = "any",
     ) -> tuple[Job, bool]:
         """(job, created). A repeated request_id returns the first job when its spec is the
         same, and raises AlreadyExists when it is not."""
+        fields = dict(
+            name=name,
+            spec=spec,
+            spec_hash=spec_hash,
+            labels=labels,
+            priority=priority,
+            request_id=request_id,
+            max_attempts=max_attempts,
+            total_steps=total_steps,
+            needs=needs,
+        )
+        try:
+            return self._create_job(**fields)
+        except sa.exc.IntegrityError:
+            # Two replicas raced with the same request_id; the loser answers with the winner.
+            if not request_id:
+                raise
+            return self._create_job(**fields)
+
+    def _create_job(
+        self,
+        *,
+        name: str,
+        spec: dict[str, Any],
+        spec_hash: str,
+        labels: dict[str, str],
+        priority: int,
+        request_id: str | None,
+        max_attempts: int,
+        total_steps: int,
+        needs: str,
+    ) -> tuple[Job, bool]:
         now = time.time()
         with self.engine.begin() as conn:
             if request_id:
@@ -257,9 +286,11 @@ class Store:
                     total_steps=total_steps,
                     test_metrics="{}",
                     last_seq=0,
+                    needs=needs,
                 )
             )
             self._append(conn, job_id, [_state_event(JobState.QUEUED, 0)])
+            self._notify(conn, QUEUE_CHANNEL, job_id)
             return Job.from_row(
                 conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
             ), True
@@ -268,8 +299,9 @@ class Store:
         with self.reader.connect() as conn:
             return self._get(conn, job_id)
 
-    def _get(self, conn: sa.Connection, job_id: str) -> Job:
-        row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+    def _get(self, conn: sa.Connection, job_id: str, *, lock: bool = False) -> Job:
+        query = sa.select(jobs).where(jobs.c.id == job_id)
+        row = conn.execute(self._locked(query) if lock else query).first()
         if row is None:
             raise JobNotFound(f"no job {job_id!r}")
         return Job.from_row(row)
@@ -325,11 +357,12 @@ class Store:
         job: Job,
         to: JobState,
         *,
-        worker: str | None = None,
+        held_by: str | None = None,
         error: tuple[str, str, int | None] | None = None,
         **values: Any,
     ) -> None:
-        """The one way a job changes state, inside the caller's transaction."""
+        """The one way a job changes state, inside the caller's transaction, which has read
+        `job` with its row locked. With `held_by`, only while that worker holds the lease."""
         if job.terminal:
             raise JobFinished(f"job {job.id} is {job.state.value}; it cannot become {to.value}")
         if to not in _ALLOWED[job.state]:
@@ -343,18 +376,20 @@ class Store:
             values.update(queued_at=now, lease_owner=None, lease_expires_at=None)
         if error is not None:
             values.update(error_reason=error[0], error_message=error[1], error_step=error[2])
-        where = jobs.c.id == job.id
-        if worker is not None:
-            where &= jobs.c.lease_owner == worker
+        where = (jobs.c.id == job.id) & (jobs.c.state == job.state.value)
+        if held_by is not None:
+            where &= jobs.c.lease_owner == held_by
         done = conn.execute(jobs.update().where(where).values(state=to.value, **values))
         if done.rowcount != 1:
-            raise LeaseLost(f"job {job.id} is no longer held by {worker}")
+            raise LeaseLost(f"job {job.id} is no longer held by {held_by}")
+        if to == JobState.QUEUED:
+            self._notify(conn, QUEUE_CHANNEL, job.id)
         self._append(conn, job.id, [_state_event(to, values.get("attempts", job.attempts), error)])
 
     def cancel(self, job_id: str) -> Job:
         """QUEUED becomes CANCELLED at once; RUNNING becomes CANCELLING and its worker stops it."""
         with self.engine.begin() as conn:
-            job = self._get(conn, job_id)
+            job = self._get(conn, job_id, lock=True)
             if job.terminal:
                 raise JobFinished(f"job {job_id} already {job.state.value.lower()}")
             if job.state == JobState.QUEUED:
@@ -365,15 +400,18 @@ class Store:
 
     # ---------------------------------------------------------------- queue and leases
 
-    def claim(self, worker: str, lease_seconds: float) -> Job | None:
-        """Take the highest-priority, oldest queued job and lease it to `worker`."""
+    def claim(self, worker: str, lease_seconds: float, *, gpus: int = 0) -> Job | None:
+        """Take the highest-priority, oldest queued job this worker can run, and lease it.
+
+        On PostgreSQL, rows another claimer holds are skipped (FOR UPDATE SKIP LOCKED), so many
+        workers claim different jobs at once without waiting for each other.
+        """
+        query = sa.select(jobs).where(jobs.c.state == JobState.QUEUED.value)
+        if gpus == 0:
+            query = query.where(jobs.c.needs != "gpu")
+        query = query.order_by(jobs.c.priority.desc(), jobs.c.queued_at, jobs.c.id).limit(1)
         with self.engine.begin() as conn:
-            row = conn.execute(
-                sa.select(jobs)
-                .where(jobs.c.state == JobState.QUEUED.value)
-                .order_by(jobs.c.priority.desc(), jobs.c.queued_at, jobs.c.id)
-                .limit(1)
-            ).first()
+            row = conn.execute(self._locked(query, skip_locked=True)).first()
             if row is None:
                 return None
             job = Job.from_row(row)
@@ -382,6 +420,7 @@ class Store:
                 job,
                 JobState.RUNNING,
                 lease_owner=worker,
+                worker=worker,
                 lease_expires_at=time.time() + lease_seconds,
                 attempts=job.attempts + 1,
             )
@@ -390,18 +429,17 @@ class Store:
     def heartbeat(self, job_id: str, worker: str, lease_seconds: float) -> bool:
         """Extend the lease; True when the job should stop (cancel requested)."""
         with self.engine.begin() as conn:
-            done = conn.execute(
+            now = time.time()
+            cancel = conn.execute(
                 jobs.update()
                 .where((jobs.c.id == job_id) & (jobs.c.lease_owner == worker))
-                .values(lease_expires_at=time.time() + lease_seconds)
-            )
-            if done.rowcount != 1:
+                .values(lease_expires_at=now + lease_seconds)
+                .returning(jobs.c.cancel_requested)
+            ).scalar_one_or_none()
+            if cancel is None:
                 raise LeaseLost(f"job {job_id} is no longer held by {worker}")
-            return bool(
-                conn.execute(
-                    sa.select(jobs.c.cancel_requested).where(jobs.c.id == job_id)
-                ).scalar_one()
-            )
+            conn.execute(workers.update().where(workers.c.id == worker).values(seen_at=now))
+            return bool(cancel)
 
     def finish(
         self,
@@ -413,23 +451,25 @@ class Store:
         **values: Any,
     ) -> None:
         with self.engine.begin() as conn:
-            job = self._get(conn, job_id)
+            job = self._get(conn, job_id, lock=True)
             if job.state == JobState.CANCELLING and to == JobState.QUEUED:
                 to = JobState.CANCELLED  # a job being cancelled is not handed back to the queue
-            self.transition(conn, job, to, worker=worker, error=error, **values)
+            self.transition(conn, job, to, held_by=worker, error=error, **values)
 
     def rescue(self, now: float | None = None) -> list[tuple[str, JobState]]:
-        """Requeue (or fail, when attempts are used up) jobs whose lease expired."""
+        """Requeue (or fail, when attempts are used up) jobs whose lease expired.
+
+        Every server replica runs this; a row another rescuer (or the job's own worker) holds
+        is skipped, and the expiry is checked again on the locked row.
+        """
         now = time.time() if now is None else now
         acted = []
+        query = sa.select(jobs).where(
+            jobs.c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value])
+            & (jobs.c.lease_expires_at < now)
+        )
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                sa.select(jobs).where(
-                    jobs.c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value])
-                    & (jobs.c.lease_expires_at < now)
-                )
-            ).all()
-            for row in rows:
+            for row in conn.execute(self._locked(query, skip_locked=True)).all():
                 job = Job.from_row(row)
                 if job.state == JobState.CANCELLING:
                     self.transition(conn, job, JobState.CANCELLED)
@@ -448,6 +488,49 @@ class Store:
                     acted.append((job.id, JobState.FAILED))
         return acted
 
+    # ---------------------------------------------------------------- workers
+
+    def register_worker(self, worker: str, host: str, devices: list[str]) -> None:
+        """A worker says which devices it has, at start-up; claims use it to place GPU jobs."""
+        now = time.time()
+        gpus = sum(1 for d in devices if "GPU" in d.upper())
+        values = dict(
+            host=host, devices=json.dumps(devices), gpus=gpus, seen_at=now, stopped_at=None
+        )
+        with self.engine.begin() as conn:
+            done = conn.execute(workers.update().where(workers.c.id == worker).values(**values))
+            if done.rowcount == 0:
+                conn.execute(workers.insert().values(id=worker, started_at=now, **values))
+
+    def worker_seen(self, worker: str, *, stopped: bool = False) -> None:
+        now = time.time()
+        values: dict[str, Any] = {"seen_at": now}
+        if stopped:
+            values["stopped_at"] = now
+        with self.engine.begin() as conn:
+            conn.execute(workers.update().where(workers.c.id == worker).values(**values))
+
+    def live_workers(self, within: float) -> list[WorkerInfo]:
+        """Workers seen in the last `within` seconds and not stopped."""
+        since = time.time() - within
+        with self.reader.connect() as conn:
+            rows = conn.execute(
+                sa.select(workers)
+                .where((workers.c.seen_at >= since) & workers.c.stopped_at.is_(None))
+                .order_by(workers.c.id)
+            )
+            return [WorkerInfo(**{**r._mapping, "devices": json.loads(r.devices)}) for r in rows]
+
+    def busy_workers(self) -> set[str]:
+        with self.reader.connect() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.lease_owner).where(
+                    jobs.c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value])
+                    & jobs.c.lease_owner.is_not(None)
+                )
+            )
+            return {r[0] for r in rows}
+
     # ---------------------------------------------------------------- events
 
     def append_events(
@@ -456,32 +539,42 @@ class Store:
         """Append events written by the worker holding the job; a worker that lost its lease
         is refused (LeaseLost), so a stale worker cannot interleave with the new attempt."""
         with self.engine.begin() as conn:
-            held = conn.execute(
-                sa.select(jobs.c.lease_owner).where(jobs.c.id == job_id)
-            ).scalar_one_or_none()
-            if held != worker:
+            update = jobs.update().where((jobs.c.id == job_id) & (jobs.c.lease_owner == worker))
+            done = conn.execute(update.values(**progress) if progress else update.values(id=job_id))
+            if done.rowcount != 1:
                 raise LeaseLost(f"job {job_id} is no longer held by {worker}")
-            last = self._append(conn, job_id, new)
-            if progress:
-                conn.execute(jobs.update().where(jobs.c.id == job_id).values(**progress))
-            return last
+            return self._append(conn, job_id, new)
 
     def _append(self, conn: sa.Connection, job_id: str, new: list[NewEvent]) -> int:
-        last = conn.execute(sa.select(jobs.c.last_seq).where(jobs.c.id == job_id)).scalar_one()
+        """Give the events the job's next sequence numbers and insert them; the last statement
+        of its transaction that touches a row (see the module's note on the event lock)."""
+        last = conn.execute(
+            jobs.update()
+            .where(jobs.c.id == job_id)
+            .values(last_seq=jobs.c.last_seq + len(new))
+            .returning(jobs.c.last_seq)
+        ).scalar_one()
         if not new:
             return last
+        if self.postgres:
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_EVENT_LOCK})")
+        first = last - len(new)
         # Straight to the driver's executemany: a window of step events is one call, without
         # SQLAlchemy's per-row parameter processing on the training hot path.
         conn.exec_driver_sql(
             self._insert_events,
             [
-                (job_id, last + i + 1, e.kind, json.dumps(e.payload, allow_nan=True), e.time)
+                (job_id, first + i + 1, e.kind, json.dumps(e.payload, allow_nan=True), e.time)
                 for i, e in enumerate(new)
             ],
         )
-        last += len(new)
-        conn.execute(jobs.update().where(jobs.c.id == job_id).values(last_seq=last))
+        self._notify(conn, EVENTS_CHANNEL, job_id)
         return last
+
+    def _notify(self, conn: sa.Connection, channel: str, job_id: str) -> None:
+        # Delivered at commit, ids only: listeners read the data from the tables.
+        if self.postgres:
+            conn.execute(sa.select(sa.func.pg_notify(channel, job_id)))
 
     def read_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[EventRow]:
         with self.reader.connect() as conn:

@@ -12,7 +12,8 @@ import threading
 from collections import defaultdict, deque
 
 from trainer_service.metrics import Metrics
-from trainer_service.store import TERMINAL, EventRow, JobState, Store
+from trainer_service.store import EVENTS_CHANNEL, TERMINAL, EventRow, JobState, Store
+from trainer_service.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,16 @@ class Subscription:
 
 class EventTail:
     def __init__(
-        self, store: Store, metrics: Metrics, poll_seconds: float, linger_seconds: float = 300.0
+        self,
+        store: Store,
+        metrics: Metrics,
+        poll_seconds: float,
+        linger_seconds: float = 300.0,
+        wakeups: Wakeups | None = None,
     ):
         self.store, self.metrics = store, metrics
         self.poll_seconds, self.linger_seconds = poll_seconds, linger_seconds
+        self.wakeups = wakeups
         self.cursor = store.last_event_id()
         self.subs: dict[str, set[Subscription]] = defaultdict(set)
         self.lock = threading.Lock()
@@ -89,7 +96,9 @@ class EventTail:
             except Exception:  # the store may be briefly unavailable; keep tailing
                 log.exception("event tail: reading the store failed")
                 moved = False
-            if not moved:
+            if not moved and self.wakeups is not None and self.wakeups.listening:
+                self.wakeups.wait(EVENTS_CHANNEL, self.poll_seconds)
+            elif not moved:
                 self.stopping.wait(self.poll_seconds)
 
     def poll_once(self) -> bool:

@@ -94,20 +94,26 @@ def _placement(spec: JobSpec):
 
 
 def gpu_available() -> bool:
+    return any(d.startswith("GPU") for d in devices())
+
+
+def devices() -> list[str]:
+    """The accelerators this process can see, as "GPU:0", "GPU:1", ..., after "CPU:0"."""
     backend = keras.config.backend()
+    gpus = 0
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return bool(tf.config.list_physical_devices("GPU"))
-    if backend == "jax":
+        gpus = len(tf.config.list_physical_devices("GPU"))
+    elif backend == "jax":
         import jax
 
-        return any(d.platform == "gpu" for d in jax.devices())
-    if backend == "torch":
+        gpus = sum(1 for d in jax.devices() if d.platform == "gpu")
+    elif backend == "torch":
         import torch
 
-        return torch.cuda.is_available()
-    return False
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["CPU:0", *(f"GPU:{i}" for i in range(gpus))]
 
 
 class NoGPU(RuntimeError):

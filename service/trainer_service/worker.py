@@ -1,8 +1,10 @@
 """A long-lived worker process: imports TensorFlow once, then claims and trains jobs.
 
 One worker per GPU (pinned by CUDA_VISIBLE_DEVICES, set by the supervisor), or N on the CPU.
+It registers the devices it sees, so a job that needs a GPU is claimed only by a worker with one.
 Events reach the store in one transaction per reporting window; the lease is renewed while the
-job runs, and a cancel request is seen at the next renewal.
+job runs, and a cancel request is seen at the next renewal. Checkpoints and the model go to the
+artifact store, so a retry on another machine resumes where this one stopped.
 """
 
 from __future__ import annotations
@@ -16,16 +18,24 @@ import os
 import signal
 import socket
 import threading
+import time
+from pathlib import Path
 from typing import Any
+
+import sqlalchemy.exc
 
 from trainer_client.events import Event, ResultEvent
 from trainer_client.spec import JobSpec, SpecError
+from trainer_service.artifacts import ArtifactStore, pull_checkpoint, push_checkpoint
 from trainer_service.config import Settings
 from trainer_service.datasets import DataPaths
 from trainer_service.errors import TrainerError
-from trainer_service.store import Job, JobState, LeaseLost, NewEvent, Store
+from trainer_service.store import QUEUE_CHANNEL, Job, JobState, LeaseLost, NewEvent, Store
+from trainer_service.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
+# The database is restarting or unreachable: what the worker has is kept and written later.
+STORE_DOWN = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -51,6 +61,7 @@ class _JobRun:
 
     def __init__(self, worker: Worker, job: Job):
         self.worker, self.job = worker, job
+        self.workdir = worker.settings.job_dir(job.id)
         self.buffer: list[NewEvent] = []
         self.progress: dict[str, Any] = {}
         self.cancel = False
@@ -83,6 +94,9 @@ class _JobRun:
     def emit(self, event: Event) -> None:
         if self.lost:
             return
+        if event.kind == "checkpoint":
+            # Durable before anyone is told of it: a retry elsewhere resumes from this one.
+            push_checkpoint(self.worker.artifacts, self.workdir, self.job.id)
         self.buffer.append(NewEvent(event.kind, event_payload(event), event.time))
         if event.kind == "step":
             value = event.accuracy if event.accuracy is not None else event.mae
@@ -90,15 +104,28 @@ class _JobRun:
         elif event.kind != "log":
             self.flush()
 
-    def flush(self) -> None:
-        if not self.buffer or self.lost:
-            return
-        try:
-            self.worker.store.append_events(self.job.id, self.worker.id, self.buffer, self.progress)
-        except LeaseLost:
-            log.warning("job %s: lease lost; stopping without writing more", self.job.id)
-            self.lost = True
-        self.buffer, self.progress = [], {}
+    def flush(self, *, wait: bool = False) -> None:
+        """Write the buffered events. While the store is down they stay buffered, in order,
+        and training goes on; with `wait`, keep trying until they are written."""
+        while self.buffer and not self.lost:
+            try:
+                self.worker.store.append_events(
+                    self.job.id, self.worker.id, self.buffer, self.progress
+                )
+            except LeaseLost:
+                log.warning("job %s: lease lost; stopping without writing more", self.job.id)
+                self.lost = True
+            except STORE_DOWN as exc:
+                log.warning(
+                    "job %s: store unavailable (%s); %d events kept",
+                    self.job.id,
+                    type(exc).__name__,
+                    len(self.buffer),
+                )
+                if wait and not self.worker.stopping.wait(0.5):
+                    continue
+                return
+            self.buffer, self.progress = [], {}
 
     def should_stop(self) -> bool:
         # Called once per reporting window, right after that window's step events.
@@ -107,20 +134,53 @@ class _JobRun:
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: Store, worker_id: str | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        worker_id: str | None = None,
+        *,
+        artifacts: ArtifactStore | None = None,
+        wakeups: Wakeups | None = None,
+        devices: list[str] | None = None,
+    ):
         self.settings, self.store = settings, store
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
         self.paths = DataPaths(data_dir=settings.data_dir)
+        self.artifacts = artifacts or ArtifactStore(
+            settings.artifacts_url, settings.artifact_options
+        )
+        self.wakeups = wakeups or Wakeups(settings.store_url, (QUEUE_CHANNEL,))
+        self.devices = devices if devices is not None else ["CPU:0"]
+        self.gpus = sum(1 for d in self.devices if d.startswith("GPU"))
 
     def run(self) -> None:
-        log.info("worker %s: ready", self.id)
+        self.store.register_worker(self.id, socket.gethostname(), self.devices)
+        log.info("worker %s: ready, devices %s", self.id, ", ".join(self.devices))
+        idle = (
+            self.settings.notify_poll_seconds
+            if self.wakeups.listening
+            else self.settings.poll_seconds
+        )
+        seen = time.monotonic()
         while not self.stopping.is_set():
-            job = self.store.claim(self.id, self.settings.lease_seconds)
+            try:
+                job = self.store.claim(self.id, self.settings.lease_seconds, gpus=self.gpus)
+                if job is None and time.monotonic() - seen > self.settings.worker_seen_seconds:
+                    self.store.worker_seen(self.id)
+                    seen = time.monotonic()
+            except Exception as exc:  # the store may be restarting; jobs wait in it meanwhile
+                log.warning("worker %s: claiming failed (%s); retrying", self.id, exc)
+                self.stopping.wait(1.0)
+                continue
             if job is None:
-                self.stopping.wait(self.settings.poll_seconds)
+                self.wakeups.wait(QUEUE_CHANNEL, idle)
                 continue
             self.run_job(job)
+            seen = time.monotonic()
+        with contextlib.suppress(Exception):
+            self.store.worker_seen(self.id, stopped=True)
         log.info("worker %s: stopped", self.id)
 
     def run_job(self, job: Job) -> None:
@@ -128,20 +188,37 @@ class Worker:
         with _JobRun(self, job) as run:
             self._run(job, run)
 
+    def _inputs(self, job: Job, spec: JobSpec, workdir: Path) -> None:
+        """Fetch what an earlier attempt or an upload left in the artifact store."""
+        if job.attempts > 1:
+            step = pull_checkpoint(self.artifacts, workdir, job.id)
+            if step is not None:
+                log.info("job %s: checkpoint at step %d fetched", job.id, step)
+        path = spec.dataset.path
+        if spec.dataset.name == "npz" and path and not Path(path).is_absolute():
+            local = self.settings.data_dir / path
+            if not local.is_file() and self.artifacts.exists(path):
+                self.artifacts.get(path, local)
+
     def _run(self, job: Job, run: _JobRun) -> None:
         from trainer_service.trainer import NoGPU, train
 
         try:
             spec = JobSpec.parse(job.spec)
+            self._inputs(job, spec, run.workdir)
             result = train(
                 spec,
                 run.emit,
                 run.should_stop,
-                workdir=self.settings.job_dir(job.id),
+                workdir=run.workdir,
                 paths=self.paths,
                 resume=job.attempts > 1,
                 job_id=job.id,
             )
+            if result.outcome == "succeeded" and result.model_path:
+                key = f"jobs/{job.id}/model.keras"
+                self.artifacts.put(Path(result.model_path), key)
+                result = dataclasses.replace(result, model_path=key)
         except (TrainerError, NoGPU, SpecError) as exc:
             self._fail(run, getattr(exc, "reason", "invalid_spec"), str(exc))
             return
@@ -149,31 +226,40 @@ class Worker:
             log.exception("job %s: training raised", job.id)
             self._fail(run, "internal_error", f"{type(exc).__name__}: {exc}")
             return
-        run.flush()
+        run.flush(wait=True)
         if run.lost:
             return
         self._finish(run, result)
+
+    def _finish_when_stored(self, job_id: str, to: JobState, **values: Any) -> None:
+        while True:
+            try:
+                self.store.finish(job_id, self.id, to, **values)
+                return
+            except STORE_DOWN as exc:
+                log.warning("job %s: store unavailable (%s); retrying", job_id, exc)
+                if self.stopping.wait(0.5):
+                    raise
 
     def _finish(self, run: _JobRun, result: ResultEvent) -> None:
         job_id = run.job.id
         try:
             if result.outcome == "succeeded":
-                self.store.finish(
+                self._finish_when_stored(
                     job_id,
-                    self.id,
                     JobState.SUCCEEDED,
                     model_path=result.model_path,
                     test_metrics=json.dumps(result.test_metrics),
                 )
             elif result.outcome == "cancelled" and (run.cancel or not self.stopping.is_set()):
-                self.store.finish(job_id, self.id, JobState.CANCELLED)
+                self._finish_when_stored(job_id, JobState.CANCELLED)
             elif result.outcome == "cancelled":
                 # Stopped because this worker is shutting down: hand the job back.
-                self.store.finish(job_id, self.id, JobState.QUEUED)
+                self._finish_when_stored(job_id, JobState.QUEUED)
             else:
                 f = result.failure
                 error = (f.reason, f.message, f.step) if f else ("failed", result.stop_reason, None)
-                self.store.finish(job_id, self.id, JobState.FAILED, error=error)
+                self._finish_when_stored(job_id, JobState.FAILED, error=error)
         except LeaseLost:
             log.warning("job %s: lease lost before the result was recorded", job_id)
         log.info(
@@ -185,27 +271,28 @@ class Worker:
         )
 
     def _fail(self, run: _JobRun, reason: str, message: str) -> None:
-        run.flush()
+        run.flush(wait=True)
         log.warning("job %s: failed: %s: %s", run.job.id, reason, message)
         with contextlib.suppress(LeaseLost):
-            self.store.finish(
-                run.job.id, self.id, JobState.FAILED, error=(reason, message, run.job.step or None)
-            )
+            error = (reason, message, run.job.step or None)
+            self._finish_when_stored(run.job.id, JobState.FAILED, error=error)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trainer worker")
+    parser = argparse.ArgumentParser(prog="python -m trainer_service.worker")
     parser.add_argument("--worker-id", default=None)
     args = parser.parse_args(argv)
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    import keras  # noqa: F401  import the framework once, before the first job arrives
+    from trainer_service.trainer import devices  # imports the framework once, before any job
 
     store = Store(settings.store_url)
-    worker = Worker(settings, store, args.worker_id)
+    wakeups = Wakeups(settings.store_url, (QUEUE_CHANNEL,)).start()
+    worker = Worker(settings, store, args.worker_id, wakeups=wakeups, devices=devices())
     signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
     worker.run()
+    wakeups.stop()
     store.close()
     return 0
 

@@ -1,4 +1,8 @@
-"""A real server on port 0, as a subprocess, with its workers; each test cleans up after it."""
+"""A real server on port 0, as a subprocess, with its workers; each test cleans up after it.
+
+Every test here runs against both store engines: SQLite in the test's folder, and a fresh
+database on the real PostgreSQL server.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import ENGINES
 
 READY = re.compile(r"grpc (\S+):(\d+) metrics \S+:(\d+) workers (\d+)")
 
@@ -82,11 +88,23 @@ class ServiceProcess:
         self.log.close()
 
 
+@pytest.fixture(params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
 @pytest.fixture
-def start_service(tmp_path):
+def start_service(tmp_path, engine, database):
+    """start(...) -> a running service; every start in one test shares one database (so a
+    restarted server finds its jobs), unless `store=` says otherwise."""
     started: list[ServiceProcess] = []
+    url: list[str] = []
 
     def start(data_dir: Path | None = None, **kwargs) -> ServiceProcess:
+        if "store" not in kwargs:
+            if not url:
+                url.append(database(engine))
+            kwargs["store"] = url[0]
         service = ServiceProcess(data_dir or tmp_path / "data", **kwargs)
         started.append(service)
         return service
@@ -96,17 +114,26 @@ def start_service(tmp_path):
         service.stop()
 
 
-@pytest.fixture(scope="module")
-def service(tmp_path_factory):
+@pytest.fixture(scope="module", params=ENGINES)
+def service(request, tmp_path_factory):
     """One server with two CPU workers, shared by the tests of a module."""
+    folder = tmp_path_factory.mktemp("svc")
+    if request.param == "sqlite":
+        url = f"sqlite:///{folder / 'trainer.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create()
     svc = ServiceProcess(
-        tmp_path_factory.mktemp("svc") / "data",
+        folder / "data",
         workers=2,
         lease_seconds=5,
         metrics_linger_seconds=600,
+        store=url,
     )
+    svc.engine = request.param
     yield svc
     svc.stop()
+    if request.param == "postgresql":
+        request.getfixturevalue("postgres").drop(url)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.conftest import ENGINES
 from trainer_service.store import (
     AlreadyExists,
     JobFinished,
@@ -18,9 +19,9 @@ from trainer_service.store import (
 )
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+@pytest.fixture(params=ENGINES)
+def store(request, database):
+    s = Store(database(request.param))
     yield s
     s.close()
 
@@ -68,6 +69,9 @@ def test_claim_stamps_and_leases(store):
     job = store.claim("w1", 30)
     assert job.state == JobState.RUNNING and job.lease_owner == "w1" and job.attempts == 1
     assert job.started_at is not None and job.lease_expires_at > time.time()
+    store.finish(job.id, "w1", JobState.SUCCEEDED)
+    done = store.get_job(job.id)
+    assert done.lease_owner is None and done.worker == "w1"  # who ran it outlives the lease
 
 
 def test_two_claimers_never_get_the_same_job(store):
@@ -177,3 +181,71 @@ def test_everything_survives_reopening(tmp_path):
     assert again.get_job(job.id).state == JobState.QUEUED
     assert again.claim("w", 30).id == job.id
     again.close()
+
+
+def test_tail_reading_by_global_id_misses_nothing_under_concurrent_writers(store):
+    """Events committed by concurrent transactions become visible in id order, so a reader that
+    keeps only the last id it saw still sees every event exactly once."""
+    writers = 4
+    per_writer = 60 if store.postgres else 10  # SQLite's writers queue on one lock: slow, safe
+    for i in range(writers):
+        make(store, f"w{i}")
+    held = [store.claim(f"w{i}", 30) for i in range(writers)]
+    seen: list[tuple[str, int]] = []
+    done = threading.Event()
+
+    def tail():
+        cursor = 0
+        while True:
+            finished = done.is_set()
+            rows = store.events_since(cursor)
+            if rows:
+                cursor = rows[-1].id
+                seen.extend((r.job_id, r.seq) for r in rows if r.kind == "step")
+            elif finished:
+                return
+
+    def write(job):
+        for i in range(per_writer):
+            store.append_events(job.id, job.lease_owner, [NewEvent("step", {"step": i})], {})
+
+    reader = threading.Thread(target=tail)
+    reader.start()
+    threads = [threading.Thread(target=write, args=(job,)) for job in held]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    reader.join()
+    assert len(seen) == writers * per_writer == len(set(seen))
+
+
+def test_a_job_that_needs_a_gpu_is_claimed_only_by_a_gpu_worker(store):
+    gpu_job, _ = store.create_job(name="g", spec={}, spec_hash="h", labels={}, needs="gpu")
+    any_job = make(store, "a")
+    assert store.claim("cpu-worker", 30, gpus=0).id == any_job.id
+    assert store.claim("cpu-worker", 30, gpus=0) is None
+    assert store.claim("gpu-worker", 30, gpus=1).id == gpu_job.id
+
+
+def test_workers_advertise_devices_and_go_quiet(store):
+    store.register_worker("w-gpu", "host-a", ["CPU:0", "GPU:0", "GPU:1"])
+    store.register_worker("w-cpu", "host-b", ["CPU:0"])
+    live = {w.id: w for w in store.live_workers(60)}
+    assert live["w-gpu"].gpus == 2 and live["w-gpu"].devices[-1] == "GPU:1"
+    assert live["w-cpu"].gpus == 0 and live["w-cpu"].host == "host-b"
+    store.worker_seen("w-cpu", stopped=True)
+    assert [w.id for w in store.live_workers(60)] == ["w-gpu"]
+    make(store)
+    job = store.claim("w-gpu", 30, gpus=2)
+    assert store.busy_workers() == {"w-gpu"} and job.lease_owner == "w-gpu"
+
+
+def test_a_rescue_racing_a_heartbeat_never_requeues_a_renewed_lease(store):
+    make(store)
+    job = store.claim("w", 0.05)
+    time.sleep(0.1)
+    store.heartbeat(job.id, "w", 30)  # renewed before the rescuer looked again
+    assert store.rescue() == []
+    assert store.get_job(job.id).state == JobState.RUNNING

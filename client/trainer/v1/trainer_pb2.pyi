@@ -29,7 +29,7 @@ CANCELLING: JobState
 CANCELLED: JobState
 
 class Job(_message.Message):
-    __slots__ = ("name", "display_name", "state", "spec", "labels", "priority", "create_time", "start_time", "end_time", "attempts", "max_attempts", "error", "step", "total_steps", "loss", "accuracy", "test_metrics", "model_available", "last_seq", "request_id")
+    __slots__ = ("name", "display_name", "state", "spec", "labels", "priority", "create_time", "start_time", "end_time", "attempts", "max_attempts", "error", "step", "total_steps", "loss", "accuracy", "test_metrics", "model_available", "last_seq", "request_id", "worker")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class Job(_message.Message):
     MODEL_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     state: JobState
@@ -84,7 +85,8 @@ class Job(_message.Message):
     model_available: bool
     last_seq: int
     request_id: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., max_attempts: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., model_available: _Optional[bool] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    worker: str
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., max_attempts: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., model_available: _Optional[bool] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
 class JobError(_message.Message):
     __slots__ = ("reason", "message", "step")

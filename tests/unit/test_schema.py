@@ -1,0 +1,77 @@
+"""Migrations: a fresh database is created, an older one upgraded by `trainer migrate`, and one
+written by a newer version refused, on both engines."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import ENGINES
+from trainer_service import schema
+from trainer_service.store import Store, engine_url
+
+
+@pytest.fixture(params=ENGINES)
+def url(request, database):
+    return engine_url(database(request.param))
+
+
+def test_a_fresh_database_gets_the_newest_schema(url):
+    Store(url).close()
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        assert schema.current(conn) == schema.head()
+        assert {"jobs", "events", "workers"} <= set(sa.inspect(conn).get_table_names())
+    engine.dispose()
+
+
+def test_an_older_schema_is_refused_until_migrated(url):
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        schema.command.upgrade(schema.config(url, conn), "0001")
+    with pytest.raises(schema.SchemaError, match=r"revision 0001.*trainer migrate"):
+        Store(url, create=True)
+    before, after = schema.upgrade(engine)
+    assert (before, after) == ("0001", schema.head())
+    store = Store(url)
+    job, _ = store.create_job(name="j", spec={}, spec_hash="h", labels={}, needs="gpu")
+    assert store.get_job(job.id).needs == "gpu"
+    store.close()
+    engine.dispose()
+
+
+def test_a_schema_from_a_newer_version_is_refused(url):
+    Store(url).close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
+    with pytest.raises(schema.SchemaError, match=r"does not know.*newer version"):
+        Store(url)
+    with pytest.raises(schema.SchemaError, match="does not know"):
+        schema.upgrade(engine)
+    engine.dispose()
+
+
+def test_a_database_from_before_migrations_is_stamped_and_upgraded(url):
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        schema.command.upgrade(schema.config(url, conn), "0001")
+        conn.execute(sa.text("DROP TABLE alembic_version"))
+    with pytest.raises(schema.SchemaError, match="before migrations"):
+        Store(url)
+    assert schema.upgrade(engine) == ("0001", schema.head())
+    Store(url).close()
+    engine.dispose()
+
+
+def test_the_tables_match_the_migrations(url):
+    """The models in schema.py and the migration history describe the same database."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    Store(url).close()
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
+    engine.dispose()
+    assert diff == []
