@@ -60,7 +60,8 @@ def bare_round() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_server(data_dir: Path, store: str | None = None) -> tuple[subprocess.Popen, str]:
+    flags = ["--store", store] if store else []
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -75,6 +76,7 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
             "1",
             "--data-dir",
             str(data_dir),
+            *flags,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

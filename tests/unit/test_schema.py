@@ -75,3 +75,36 @@ def test_the_tables_match_the_migrations(url):
         diff = compare_metadata(MigrationContext.configure(conn), schema.metadata)
     engine.dispose()
     assert diff == []
+
+
+def test_trainer_migrate_upgrades_and_says_what_it_did(url, capsys):
+    from trainer_client.cli import main
+
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        schema.command.upgrade(schema.config(url, conn), "0001")
+    engine.dispose()
+    assert main(["migrate", "--store", url]) == 0
+    assert f"schema revision 0001 -> {schema.head()}" in capsys.readouterr().out
+    assert main(["migrate", "--store", url]) == 0
+    assert f"already at schema revision {schema.head()}" in capsys.readouterr().out
+
+
+def test_a_server_refuses_to_start_on_a_schema_it_does_not_know(url):
+    import subprocess
+    import sys
+
+    Store(url).close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+    for command in (["serve", "--port", "0", "--metrics-port", "0", "--workers", "0"], ["worker"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "trainer_client.cli", *command, "--store", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 5, done.stderr
+        assert "'9999_future', which this version does not know" in done.stderr
