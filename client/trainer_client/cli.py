@@ -326,13 +326,41 @@ def _worker(args: argparse.Namespace) -> int:
     except SchemaError as exc:
         print(f"trainer worker: {exc}", file=sys.stderr)
         return 5
-    supervisor = Supervisor(settings)
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from trainer_service.metrics import WorkerHostMetrics
+
+    registry = CollectorRegistry()
+    supervisor = Supervisor(settings, WorkerHostMetrics(registry))
+    http = None
+    if args.metrics_port is not None:
+        http, _ = start_http_server(args.metrics_port, addr=settings.host, registry=registry)
     supervisor.start()
     slots = ", ".join(slot for slot, _ in supervisor.slots)
-    print(f"trainer worker: {slots} store {_safe(settings.store_url)}", flush=True)
+    metrics = f" metrics {settings.host}:{http.server_port}" if http else ""
+    print(f"trainer worker: {slots}{metrics} store {_safe(settings.store_url)}", flush=True)
     _until_signalled()
     supervisor.stop(grace=10.0)
+    if http:
+        http.shutdown()
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 when the server says SERVING (grpc.health.v1): for container health checks."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=5)
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -397,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     _store_flags(p)
     p = command("worker", _worker, "run this machine's workers against a shared store", False)
     _store_flags(p)
+    p.add_argument("--host", default=None, help="where the metrics port listens")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics, if set")
+    p = command("health", _health, "exit 0 if the server is SERVING (grpc.health.v1)")
+    p.add_argument("--service", default="", help="a service name; the server as a whole if empty")
     p = command("migrate", _migrate, "create or upgrade the store's schema", False)
     p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
     p.add_argument("--data-dir", default=None)

@@ -12,6 +12,19 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _JOB = ("job_id", "name")
+# Series that exist from the start, at 0, so the first failure of a kind shows in increase().
+_TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+_REASONS = (
+    "non_finite_loss",
+    "max_duration_exceeded",
+    "out_of_memory",
+    "worker_lost",
+    "dataset_unavailable",
+    "dataset_invalid",
+    "invalid_spec",
+    "no_gpu",
+    "internal_error",
+)
 _DURATIONS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 _WAITS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300, 1800)
 
@@ -78,6 +91,10 @@ class Metrics:
         self.workers = Gauge(
             "trainer_workers", "Worker processes by status.", ("status",), registry=registry
         )
+        for state in _TERMINAL:
+            self.completions.labels(state)
+        for reason in _REASONS:
+            self.failures.labels(reason)
         self._ended: dict[tuple[str, str], float] = {}
 
     def job_progress(
@@ -112,3 +129,21 @@ class Metrics:
                     with contextlib.suppress(KeyError):  # never set (e.g. no accuracy)
                         gauge.remove(*key)
                 del self._ended[key]
+
+
+class WorkerHostMetrics:
+    """A worker machine's own series (`trainer worker --metrics-port`): its worker processes
+    and how often they had to be restarted. Jobs' values come from the API servers."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.processes = Gauge(
+            "trainer_worker_processes",
+            "Worker processes on this machine by device kind and liveness.",
+            ("device", "state"),
+            registry=registry,
+        )
+        self.restarts = Counter(
+            "trainer_worker_restarts_total",
+            "Worker processes started again after they died.",
+            registry=registry,
+        )

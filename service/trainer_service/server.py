@@ -21,7 +21,7 @@ from trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from trainer_service.api import TrainerServicer
 from trainer_service.artifacts import ArtifactStore
 from trainer_service.config import Settings
-from trainer_service.metrics import Metrics
+from trainer_service.metrics import Metrics, WorkerHostMetrics
 from trainer_service.store import EVENTS_CHANNEL, Store
 from trainer_service.tail import EventTail
 from trainer_service.wakeups import Wakeups
@@ -47,8 +47,9 @@ class Supervisor:
     """One worker process per GPU (pinned with CUDA_VISIBLE_DEVICES) or N on the CPU; a worker
     that dies is started again, and its job comes back through the lease rescuer."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics: WorkerHostMetrics | None = None):
         self.settings = settings
+        self.metrics = metrics
         gpus = gpu_ids(settings.gpus)
         # An empty CUDA_VISIBLE_DEVICES hides every GPU from a CPU worker.
         self.slots = [(f"gpu{g}", g) for g in gpus] or [
@@ -99,6 +100,20 @@ class Supervisor:
                             "worker %s: exited with %s; starting it again", slot, proc.returncode
                         )
                         self._spawn(slot, devices)
+                        if self.metrics:
+                            self.metrics.restarts.inc()
+                self._observe()
+
+    def _observe(self) -> None:
+        if self.metrics is None:
+            return
+        counts = {(kind, state): 0 for kind in ("gpu", "cpu") for state in ("alive", "dead")}
+        for slot, _ in self.slots:
+            proc = self.procs.get(slot)
+            alive = proc is not None and proc.poll() is None
+            counts[(slot[:3], "alive" if alive else "dead")] += 1
+        for (kind, state), count in counts.items():
+            self.metrics.processes.labels(kind, state).set(count)
 
     def stop(self, grace: float) -> None:
         self.stopping.set()
