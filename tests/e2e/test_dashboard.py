@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -24,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLES
-from tests.integration.conftest import ServiceProcess
+from tests.integration.conftest import ServiceProcess, WorkerHost
 from tests.integration.test_service import classes
 from trainer_client.client import TrainingClient
 from trainer_client.spec import load_spec
@@ -102,38 +100,6 @@ class Prometheus:
         self.log.close()
 
 
-class WorkerMachine:
-    """`trainer worker --metrics-port` beside the server, as on a second machine."""
-
-    def __init__(self, folder: Path, store: str):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-        self.log = (folder / "worker.log").open("wb")
-        self.proc = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "trainer_client.cli", "worker", "--store", store),
-                *("--workers", "1", "--data-dir", str(folder / "data"), "--metrics-port", "0"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            env=env,
-            text=True,
-            start_new_session=True,
-        )
-        line = self.proc.stdout.readline()
-        match = re.search(r"metrics (\S+:\d+)", line)
-        assert match, f"worker did not start: {line!r}"
-        self.metrics = match.group(1)
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self.log.close()
-
-
 def panel_queries(job_id: str) -> list[tuple[str, str]]:
     dashboard = json.loads(DASHBOARD.read_text())
     out = []
@@ -151,7 +117,7 @@ def panel_queries(job_id: str) -> list[tuple[str, str]]:
 def stack(tmp_path):
     store = f"sqlite:///{tmp_path / 'trainer.db'}"
     server = ServiceProcess(tmp_path / "server", workers=0, store=store, metrics_linger_seconds=600)
-    worker = WorkerMachine(tmp_path, store)
+    worker = WorkerHost(tmp_path, "worker-machine", store, metrics=True)
     prometheus = Prometheus(
         tmp_path / "prometheus",
         {

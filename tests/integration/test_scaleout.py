@@ -7,9 +7,7 @@ import collections
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,63 +15,12 @@ import grpc
 import pytest
 
 from tests.conftest import BUCKET
+from tests.integration.conftest import WorkerHost
 from trainer_client.client import TrainingClient
 
 from .test_service import classes, wait_for_step
 
 pytestmark = pytest.mark.slow
-
-
-class WorkerHost:
-    """`trainer worker` as another machine would run it: its own data folder, the shared
-    database and artifact store, in a process group of its own so it can die as a whole."""
-
-    def __init__(self, tmp: Path, name: str, store: str, workers: int = 1, **settings: object):
-        env = dict(os.environ)
-        env.update({f"TRAINER_{k.upper()}": str(v) for k, v in settings.items()})
-        self.data_dir = tmp / name
-        self.log_path = tmp / f"{name}-worker.log"
-        self.log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "trainer_client.cli",
-                "worker",
-                "--store",
-                store,
-                "--workers",
-                str(workers),
-                "--data-dir",
-                str(self.data_dir),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            env=env,
-            text=True,
-            start_new_session=True,
-        )
-        line = self.proc.stdout.readline()
-        if not line.startswith("trainer worker:"):
-            self.kill()
-            raise RuntimeError(f"worker did not start: {line!r}\n{self.log_path.read_text()}")
-        # Worker ids carry the supervisor's pid: host-pid-slot.
-        self.id_prefix = f"{os.uname().nodename}-{self.proc.pid}-"
-
-    def kill(self) -> None:
-        """The machine dies: the supervisor and its workers at once, no goodbye."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
 
 
 @pytest.fixture
