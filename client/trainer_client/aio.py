@@ -28,6 +28,7 @@ from trainer_client.client import (
     job_name,
     metrics_from_proto,
 )
+from trainer_client.connection import Credentials
 from trainer_client.events import Event, StateEvent
 from trainer_client.spec import JobSpec, load_spec
 
@@ -55,7 +56,8 @@ class AsyncJob:
         while True:
             try:
                 call = self.client._stub.WatchJob(
-                    pb.WatchJobRequest(name=self.name, after_seq=cursor)
+                    pb.WatchJobRequest(name=self.name, after_seq=cursor),
+                    metadata=self.client._metadata,
                 )
                 async for response in call:
                     deadline = None
@@ -96,7 +98,7 @@ class AsyncJob:
         target = tmp = None
         try:
             async for chunk in self.client._stub.DownloadModel(
-                pb.DownloadModelRequest(name=self.name)
+                pb.DownloadModelRequest(name=self.name), metadata=self.client._metadata
             ):
                 if tmp is None:
                     target = path / chunk.filename if path.is_dir() else path
@@ -114,10 +116,22 @@ class AsyncJob:
 
 
 class AsyncTrainingClient:
-    def __init__(self, address: str = DEFAULT_ADDRESS, *, timeout: float = 30.0):
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        ca_cert: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+    ):
         self.address, self.timeout = address, timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        creds = Credentials(token, tls, ca_cert, client_cert, client_key)
+        self._channel = creds.aio_channel(address)
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+        self._metadata = creds.metadata()
 
     async def __aenter__(self) -> AsyncTrainingClient:
         return self
@@ -129,7 +143,9 @@ class AsyncTrainingClient:
         await self._channel.close()
 
     async def _call(self, method: str, request: Any) -> Any:
-        return await getattr(self._stub, method)(request, timeout=self.timeout)
+        return await getattr(self._stub, method)(
+            request, timeout=self.timeout, metadata=self._metadata
+        )
 
     async def submit(
         self,

@@ -120,7 +120,17 @@ STATE_EXIT = {"SUCCEEDED": 0, "FAILED": 1, "CANCELLED": 3}
 def _client(args: argparse.Namespace):
     from trainer_client.client import TrainingClient
 
-    return TrainingClient(args.address)
+    return TrainingClient(args.address, **_credentials(args))
+
+
+def _credentials(args: argparse.Namespace) -> dict:
+    return {
+        "token": args.token,
+        "tls": args.tls,
+        "ca_cert": args.ca_cert,
+        "client_cert": args.client_cert,
+        "client_key": args.client_key,
+    }
 
 
 def _follow(job, spec_metric: str, total: int, after_seq: int = 0) -> int:
@@ -303,8 +313,9 @@ def _serve(args: argparse.Namespace) -> int:
     workers = len(server.supervisor.slots) if server.supervisor else 0
     store = _safe(settings.store_url)
     print(
-        f"trainer serve: grpc {settings.host}:{server.port} metrics "
-        f"{settings.host}:{server.metrics_port} workers {workers} store {store}",
+        f"trainer serve: grpc {server.host}:{server.port} metrics "
+        f"{settings.host}:{server.metrics_port} workers {workers} store {store}; "
+        f"{server.describe}",
         flush=True,
     )
     _until_signalled()
@@ -340,9 +351,34 @@ def _worker(args: argparse.Namespace) -> int:
     metrics = f" metrics {settings.host}:{http.server_port}" if http else ""
     print(f"trainer worker: {slots}{metrics} store {_safe(settings.store_url)}", flush=True)
     _until_signalled()
-    supervisor.stop(grace=10.0)
+    supervisor.stop(grace=settings.grace_seconds)
     if http:
         http.shutdown()
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    """A new random token: the client keeps the token, the server's tokens file the digest."""
+    from trainer_service.auth import digest, new_token
+
+    token = new_token()
+    print(f"token (give it to {args.tenant}; it is shown once): {token}")
+    print(f"line for the server's tokens file:\n{args.tenant} {digest(token)}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import time
+
+    from trainer_service.retention import prune
+
+    if args.older_than_days is None and args.keep is None:
+        print("trainer prune: say --older-than-days D and/or --keep N", file=sys.stderr)
+        return 2
+    settings = _service_settings(args)
+    before = time.time() - args.older_than_days * 86400 if args.older_than_days else None
+    removed = prune(settings, finished_before=before, keep_last=args.keep)
+    print(f"deleted {len(removed)} finished job(s) with their events and artifacts")
     return 0
 
 
@@ -351,7 +387,9 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    from trainer_client.connection import Credentials
+
+    with Credentials(**_credentials(args)).channel(args.address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=5)
@@ -402,11 +440,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     # The one place the client side reads the environment.
     address = os.environ.get("TRAINER_ADDRESS", "localhost:50051")
+    token = os.environ.get("TRAINER_TOKEN")
 
     def command(name: str, func, help: str, remote: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         if remote:
             p.add_argument("--address", default=address, help="host:port of the server")
+            p.add_argument("--token", default=token, help="bearer token (or TRAINER_TOKEN)")
+            p.add_argument("--tls", action="store_true", help="connect with TLS")
+            p.add_argument("--ca-cert", default=None, help="the server's CA (implies --tls)")
+            p.add_argument("--client-cert", default=None, help="for mutual TLS, with its key")
+            p.add_argument("--client-key", default=None)
         p.set_defaults(func=func)
         return p
 
@@ -427,6 +471,14 @@ def main(argv: list[str] | None = None) -> int:
     _store_flags(p)
     p.add_argument("--host", default=None, help="where the metrics port listens")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics, if set")
+    p = command("token", _token, "make a bearer token for a tenant", remote=False)
+    p.add_argument("tenant")
+    p = command("prune", _prune, "delete finished jobs by age or count (never live ones)", False)
+    p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--artifacts", default=None)
+    p.add_argument("--older-than-days", type=float, default=None)
+    p.add_argument("--keep", type=int, default=None, help="keep the newest N finished jobs")
     p = command("health", _health, "exit 0 if the server is SERVING (grpc.health.v1)")
     p.add_argument("--service", default="", help="a service name; the server as a whole if empty")
     p = command("migrate", _migrate, "create or upgrade the store's schema", False)

@@ -22,6 +22,7 @@ from google.protobuf import json_format, struct_pb2
 
 from trainer.v1 import trainer_pb2 as pb
 from trainer.v1 import trainer_pb2_grpc
+from trainer_client.connection import Credentials
 from trainer_client.events import (
     CheckpointEvent,
     EvalEvent,
@@ -285,11 +286,19 @@ class TrainingClient:
         *,
         timeout: float = 30.0,
         channel: grpc.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        ca_cert: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
     ):
+        """`token` names your tenant on a server with authentication; `tls` (or any of the
+        certificate files) makes the connection TLS, and a client certificate mutual TLS."""
         self.address, self.timeout = address, timeout
-        self._channel = channel or grpc.insecure_channel(address)
+        creds = Credentials(token, tls, ca_cert, client_cert, client_key)
+        self._channel = channel or creds.channel(address)
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
-        self._metadata: list[tuple[str, str]] = []
+        self._metadata: list[tuple[str, str]] = creds.metadata()
 
     def __enter__(self) -> TrainingClient:
         return self

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -34,6 +35,16 @@ Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 class Problem:
     field: str
     message: str
+
+
+@dataclass(frozen=True)
+class SpecLimits:
+    """A server's bounds on what one job may ask for; each is named in the error it raises."""
+
+    max_steps: int | None = None
+    max_epochs: int | None = None
+    max_layers: int | None = None
+    max_units: int | None = None
 
 
 class SpecError(ValueError):
@@ -548,6 +559,18 @@ class JobSpec(_Spec):
         return list(dict.fromkeys(out))
 
     @model_validator(mode="after")
+    def _limits(self, info: ValidationInfo) -> JobSpec:
+        limits: SpecLimits | None = (info.context or {}).get("limits")
+        if limits is None:
+            return self
+        problems = list(_over_limits(self, limits))
+        if problems:
+            raise PydanticCustomError(
+                "spec_conflicts", "{summary}", {"summary": problems[0][1], "all": problems}
+            )
+        return self
+
+    @model_validator(mode="after")
     def _combinations(self) -> JobSpec:
         task = self.dataset.resolved_task
         if self.loss is None:
@@ -597,16 +620,19 @@ class JobSpec(_Spec):
     # --------------------------------------------------------- loading
 
     @classmethod
-    def parse(cls, data: Any) -> JobSpec:
-        """Validate a mapping (or a JobSpec) and raise SpecError naming every bad field."""
+    def parse(cls, data: Any, limits: SpecLimits | None = None) -> JobSpec:
+        """Validate a mapping (or a JobSpec) and raise SpecError naming every bad field; with
+        `limits`, also every field over a server's bounds."""
         if isinstance(data, JobSpec):
-            return data
+            if limits is None:
+                return data
+            data = data.to_dict()
         if not isinstance(data, Mapping):
             raise SpecError(
                 [Problem("<root>", f"a job spec is a mapping, got {type(data).__name__}")]
             )
         try:
-            return cls.model_validate(dict(data))
+            return cls.model_validate(dict(data), context={"limits": limits})
         except ValidationError as exc:
             raise SpecError(_problems(exc)) from None
 
@@ -660,6 +686,41 @@ def _problems(exc: ValidationError) -> list[Problem]:
 # ---------------------------------------------------------------- combinations
 
 _CLASS_LOSSES_HINT = "mean_squared_error, mean_absolute_error, huber, log_cosh"
+
+
+def _widths(model: Any) -> list[tuple[str, int]]:
+    """(field, units or filters) of every hidden layer the model will have."""
+    out: list[tuple[str, int]] = []
+    for name in ("hidden_units", "filters", "units", "dense_units"):
+        for i, width in enumerate(getattr(model, name, None) or []):
+            out.append((f"{name}.{i}", width))
+    for i, layer in enumerate(getattr(model, "layers", None) or []):
+        for name in ("units", "filters", "output_dim"):
+            if getattr(layer, name, None):
+                out.append((f"layers.{i}.{name}", getattr(layer, name)))
+    return out
+
+
+def _over_limits(spec: JobSpec, limits: SpecLimits):
+    """Yield (field, message) for each value over the server's limits."""
+
+    def over(value: int, limit: int, what: str, name: str) -> str:
+        return f"{value}{what} is over this server's limit of {limit} ({name})"
+
+    t = spec.training
+    if limits.max_steps and t.steps and t.steps > limits.max_steps:
+        yield "training.steps", over(t.steps, limits.max_steps, "", "max_steps")
+    if limits.max_epochs and t.epochs and t.epochs > limits.max_epochs:
+        yield "training.epochs", over(t.epochs, limits.max_epochs, "", "max_epochs")
+    widths = _widths(spec.model)
+    explicit = getattr(spec.model, "layers", None) or []
+    layers = len(explicit) or len(widths)
+    if limits.max_layers and layers > limits.max_layers:
+        field = "model.layers" if explicit else "model"
+        yield field, over(layers, limits.max_layers, " layers", "max_layers")
+    for field, width in widths:
+        if limits.max_units and width > limits.max_units:
+            yield f"model.{field}", over(width, limits.max_units, " units", "max_units")
 
 
 def _conflicts(spec: JobSpec):

@@ -7,6 +7,7 @@ reaches the client as INTERNAL.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -26,8 +27,9 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from trainer.v1 import trainer_pb2 as pb
 from trainer.v1 import trainer_pb2_grpc
 from trainer_client import names
-from trainer_client.spec import JobSpec, SpecError
+from trainer_client.spec import JobSpec, SpecError, SpecLimits
 from trainer_service.artifacts import ArtifactStore
+from trainer_service.auth import Auth, Unauthenticated
 from trainer_service.config import Settings
 from trainer_service.errors import TrainerError
 from trainer_service.metrics import Metrics
@@ -39,6 +41,7 @@ from trainer_service.store import (
     JobFinished,
     JobNotFound,
     JobState,
+    QueueFull,
     Store,
 )
 from trainer_service.tail import EventTail
@@ -65,6 +68,8 @@ ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (JobFinished, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (sqlalchemy.exc.OperationalError, grpc.StatusCode.UNAVAILABLE),
     (sqlalchemy.exc.InterfaceError, grpc.StatusCode.UNAVAILABLE),
@@ -289,9 +294,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         tail: EventTail,
         metrics: Metrics,
         artifacts: ArtifactStore,
+        auth: Auth | None = None,
     ):
         self.settings, self.store, self.tail, self.metrics = settings, store, tail, metrics
         self.artifacts = artifacts
+        self.auth = auth or Auth(None)
+        s = settings
+        self.limits = SpecLimits(s.max_steps, s.max_epochs, s.max_layers, s.max_units)
+        self.watching: dict[str | None, int] = {}
+        self.watching_lock = threading.Lock()
         self.protos = ProtoCache()
         self.draining = False
 
@@ -302,7 +313,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @_handled
     def CreateJob(self, request, context):
         self._check_open()
-        spec = JobSpec.parse(json_format.MessageToDict(request.spec))
+        tenant = self.auth.tenant_of(context)
+        spec = JobSpec.parse(json_format.MessageToDict(request.spec), limits=self.limits)
+        if tenant is not None and spec.dataset.name == "npz":
+            mine = f"uploads/{tenant}/"
+            path = spec.dataset.path or ""
+            if not path.startswith(mine) or ".." in path:
+                raise InvalidArgument(
+                    f"dataset.path: must be one of your uploads ({mine}NAME.npz), "
+                    "as UploadDataset returned it"
+                )
         if request.priority and not -1000 <= request.priority <= 1000:
             raise InvalidArgument("priority: must be between -1000 and 1000")
         if request.max_attempts < 0 or request.max_attempts > 100:
@@ -318,6 +338,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             max_attempts=max_attempts,
             total_steps=spec.training.steps or 0,
             needs="gpu" if spec.runtime.device == "gpu" else "any",
+            tenant=tenant or "",
+            max_queued=self.settings.max_queued_per_tenant,
         )
         if created:
             self.metrics.submissions.inc()
@@ -326,10 +348,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @_handled
     def GetJob(self, request, context):
-        return job_to_proto(self.store.get_job(job_id_of(request.name)))
+        tenant = self.auth.tenant_of(context)
+        return job_to_proto(self.store.get_job(job_id_of(request.name), tenant))
 
     @_handled
     def ListJobs(self, request, context):
+        tenant = self.auth.tenant_of(context)
         where = parse_filter(request.filter)
         size = request.page_size or 50
         if not 0 < size <= 1000:
@@ -341,7 +365,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 after = (float(created), job_id)
             except ValueError:
                 raise InvalidArgument("page_token: not a token this server gave out") from None
-        found = self.store.list_jobs(after=after, limit=size + 1, **where)
+        found = self.store.list_jobs(after=after, limit=size + 1, tenant=tenant, **where)
         token = ""
         if len(found) > size:
             found = found[:size]
@@ -351,20 +375,42 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @_handled
     def CancelJob(self, request, context):
-        job = self.store.cancel(job_id_of(request.name))
+        job = self.store.cancel(job_id_of(request.name), self.auth.tenant_of(context))
         log.info("job %s: cancel requested (%s)", job.id, job.state.value)
         return job_to_proto(job)
 
     @_handled
     def WatchJob(self, request, context) -> Iterator[pb.WatchJobResponse]:
+        tenant = self.auth.tenant_of(context)
         job_id = job_id_of(request.name)
+        self.store.get_job(job_id, tenant)  # another tenant's job is not found
+        with self._watcher(tenant):
+            yield from self._watch(job_id, request.after_seq, context)
+
+    @contextlib.contextmanager
+    def _watcher(self, tenant: str | None):
+        limit = self.settings.max_watchers_per_tenant
+        with self.watching_lock:
+            if self.watching.get(tenant, 0) >= limit:
+                raise ResourceExhausted(
+                    f"this tenant already has {limit} streams open on this server "
+                    "(max_watchers_per_tenant); close some first"
+                )
+            self.watching[tenant] = self.watching.get(tenant, 0) + 1
+        try:
+            yield
+        finally:
+            with self.watching_lock:
+                self.watching[tenant] -= 1
+
+    def _watch(self, job_id: str, after_seq: int, context) -> Iterator[pb.WatchJobResponse]:
         # Subscribe before reading the store: whatever the read misses, the tail delivers,
         # and seq numbers drop what both deliver.
         sub = self.tail.subscribe(job_id)
         try:
             job = self.store.get_job(job_id)
             yield pb.WatchJobResponse(snapshot=job_to_proto(job))
-            cursor, from_store, sent = max(request.after_seq, 0), True, 0.0
+            cursor, from_store, sent = max(after_seq, 0), True, 0.0
             while context.is_active():
                 if from_store:
                     rows = self.store.read_events(job_id, cursor, 1000)
@@ -398,7 +444,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @_handled
     def GetJobMetrics(self, request, context):
         job_id = job_id_of(request.name)
-        self.store.get_job(job_id)
+        self.store.get_job(job_id, self.auth.tenant_of(context))
         steps, evals, cursor = [], [], 0
         while True:
             rows = self.store.read_events(job_id, cursor, 10000)
@@ -424,7 +470,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @_handled
     def DownloadModel(self, request, context):
-        job = self.store.get_job(job_id_of(request.name))
+        job = self.store.get_job(job_id_of(request.name), self.auth.tenant_of(context))
         key = job.model_path
         if not key or not self.artifacts.exists(key):
             raise JobFinished(
@@ -443,17 +489,20 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @_handled
     def UploadDataset(self, request_iterator, context):
         self._check_open()
+        tenant = self.auth.tenant_of(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "name":
             raise InvalidArgument("name: the first message must carry the dataset's name")
         if not _UPLOAD_NAME.match(first.name):
             raise InvalidArgument("name: use letters, digits, '_', '.', '-' (at most 100)")
-        folder = self.settings.data_dir / "uploads"
+        # Each tenant's uploads in a folder of its own; its jobs may read only those.
+        prefix = f"uploads/{tenant}" if tenant is not None else "uploads"
+        folder = self.settings.data_dir / prefix
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{first.name}.npz"
         partial = folder / f".{first.name}.{threading.get_ident()}.partial"
         digest, size, limit = hashlib.sha256(), 0, self.settings.max_upload_bytes
-        key = f"uploads/{final.name}"
+        key = f"{prefix}/{final.name}"
         try:
             with partial.open("wb") as out:
                 for message in request_iterator:
@@ -473,6 +522,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @_handled
     def ListCapabilities(self, request, context):
+        self.auth.tenant_of(context)
         aliases = {
             f"{kind}/{alias}": target
             for kind, table in names.ALIASES.items()

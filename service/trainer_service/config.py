@@ -32,6 +32,31 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     metrics_linger_seconds: float = 300.0
 
+    # Trust. Without tokens_file (or mTLS) the server listens on loopback only.
+    tokens_file: Path | None = None  # `TENANT sha256:HEX` lines, or a folder of such files
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate it signed
+
+    # Limits, each named in the error that enforces it.
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_queued_per_tenant: int = 1000
+    max_watchers_per_tenant: int = 200
+    max_steps: int = 10_000_000
+    max_epochs: int = 10_000
+    max_layers: int = 64
+    max_units: int = 16_384
+    keepalive_seconds: float = 60.0
+
+    # Shutdown and retention.
+    grace_seconds: float = 30.0  # SIGTERM: running jobs checkpoint and go back to the queue
+    retention_days: float | None = None  # finished jobs older than this are deleted
+    retention_keep: int | None = None  # at most this many finished jobs are kept
+
+    @property
+    def auth_configured(self) -> bool:
+        return self.tokens_file is not None or self.tls_client_ca is not None
+
     @property
     def store_url(self) -> str:
         if self.store:

@@ -37,7 +37,7 @@ jobs = sa.Table(
     sa.Column("labels", sa.Text, nullable=False, default="{}"),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("priority", sa.Integer, nullable=False, default=0),
-    sa.Column("request_id", sa.String(128), unique=True),
+    sa.Column("request_id", sa.String(128)),
     sa.Column("spec_hash", sa.String(64), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("queued_at", sa.Float, nullable=False),
@@ -61,6 +61,10 @@ jobs = sa.Table(
     # "gpu" jobs are claimed only by workers with a GPU; "any" by every worker.
     sa.Column("needs", sa.String(8), nullable=False, default="any", server_default="any"),
     sa.Column("worker", sa.String(128)),  # the last attempt's worker; the lease is cleared
+    # "" when the server runs without authentication; else the token's tenant.
+    sa.Column("tenant", sa.String(64), nullable=False, default="", server_default=""),
+    sa.UniqueConstraint("tenant", "request_id", name="uq_jobs_tenant_request"),
+    sa.Index("ix_jobs_tenant_state", "tenant", "state"),
     sa.Index("ix_jobs_queue", "state", "priority", "queued_at"),
     sa.Index("ix_jobs_created", "created_at", "id"),
 )

@@ -20,8 +20,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 from trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from trainer_service.api import TrainerServicer
 from trainer_service.artifacts import ArtifactStore
+from trainer_service.auth import Auth, TokenTable, is_loopback, server_credentials
 from trainer_service.config import Settings
 from trainer_service.metrics import Metrics, WorkerHostMetrics
+from trainer_service.retention import policy_cutoff, prune
 from trainer_service.store import EVENTS_CHANNEL, Store
 from trainer_service.tail import EventTail
 from trainer_service.wakeups import Wakeups
@@ -146,20 +148,53 @@ class Server:
         self.tail = EventTail(
             self.store, self.metrics, poll, settings.metrics_linger_seconds, self.wakeups
         )
+        tokens = TokenTable.load(settings.tokens_file) if settings.tokens_file else None
         self.servicer = TrainerServicer(
-            settings, self.store, self.tail, self.metrics, self.artifacts
+            settings, self.store, self.tail, self.metrics, self.artifacts, Auth(tokens)
         )
         self.health = health.HealthServicer()
+        keepalive_ms = int(settings.keepalive_seconds * 1000)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
-            options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # Pings find dead peers (a laptop that slept mid-stream); clients may ping
+                # idle streams, but not more often than every 10 s.
+                ("grpc.keepalive_time_ms", keepalive_ms),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
         )
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
-        self.port = self.grpc.add_insecure_port(f"{settings.host}:{settings.port}")
+        host = settings.host
+        if not settings.auth_configured and not is_loopback(host):
+            log.warning(
+                "no authentication is configured (tokens_file or tls_client_ca): listening on "
+                "127.0.0.1 only, not %s",
+                host,
+            )
+            host = "127.0.0.1"
+        self.host = host
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+        self.tls = credentials is not None
+        address = f"{host}:{settings.port}"
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
+        auth = "tokens" if tokens else "none (loopback only)"
+        if settings.tls_client_ca is not None:
+            auth = f"{'tokens + ' if tokens else ''}client certificates"
+        self.describe = f"auth {auth}, tls {'on' if self.tls else 'off'}"
         self.metrics_port = 0
         self.supervisor = Supervisor(settings) if settings.workers > 0 else None
         self.stopping = threading.Event()
@@ -180,9 +215,24 @@ class Server:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def _housekeeping(self) -> None:
-        """Requeue jobs whose worker stopped renewing its lease; refresh the queue gauges."""
+        """Requeue jobs whose worker stopped renewing its lease; refresh the queue gauges;
+        apply the retention policy now and then."""
         interval = min(self.settings.lease_seconds / 3, 1.0)
+        pruned = 0.0
         while not self.stopping.wait(interval):
+            s = self.settings
+            if (s.retention_days or s.retention_keep) and time.monotonic() - pruned > 60:
+                pruned = time.monotonic()
+                try:
+                    prune(
+                        s,
+                        finished_before=policy_cutoff(s),
+                        keep_last=s.retention_keep,
+                        store=self.store,
+                        artifacts=self.artifacts,
+                    )
+                except Exception:
+                    log.exception("retention: pruning failed; trying again later")
             try:
                 for job_id, state in self.store.rescue():
                     log.warning("job %s: lease expired; now %s", job_id, state.value)
@@ -199,7 +249,10 @@ class Server:
             except Exception:  # the store may be down for a moment; try again next round
                 log.exception("housekeeping failed")
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, no new jobs accepted, workers checkpoint their jobs and
+        hand them back to the queue within the grace period, then everything closes."""
+        grace = self.settings.grace_seconds if grace is None else grace
         self.servicer.draining = True
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -67,6 +67,12 @@ class JobFinished(TrainerError):
     reason = "job_finished"
 
 
+class QueueFull(TrainerError):
+    """A tenant has as many jobs waiting as it may."""
+
+    reason = "queue_full"
+
+
 class LeaseLost(TrainerError):
     """A worker wrote for a job it no longer holds (its lease expired and it was re-claimed)."""
 
@@ -104,6 +110,7 @@ class Job:
     last_seq: int
     needs: str = "any"
     worker: str | None = None
+    tenant: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -219,9 +226,12 @@ class Store:
         max_attempts: int = 3,
         total_steps: int = 0,
         needs: str = "any",
+        tenant: str = "",
+        max_queued: int | None = None,
     ) -> tuple[Job, bool]:
-        """(job, created). A repeated request_id returns the first job when its spec is the
-        same, and raises AlreadyExists when it is not."""
+        """(job, created). A repeated request_id (within the tenant) returns the first job when
+        its spec is the same, and raises AlreadyExists when it is not. With `max_queued`, a
+        tenant that already has that many jobs waiting gets QueueFull."""
         fields = dict(
             name=name,
             spec=spec,
@@ -232,6 +242,8 @@ class Store:
             max_attempts=max_attempts,
             total_steps=total_steps,
             needs=needs,
+            tenant=tenant,
+            max_queued=max_queued,
         )
         try:
             return self._create_job(**fields)
@@ -253,11 +265,17 @@ class Store:
         max_attempts: int,
         total_steps: int,
         needs: str,
+        tenant: str,
+        max_queued: int | None,
     ) -> tuple[Job, bool]:
         now = time.time()
         with self.engine.begin() as conn:
             if request_id:
-                row = conn.execute(sa.select(jobs).where(jobs.c.request_id == request_id)).first()
+                row = conn.execute(
+                    sa.select(jobs).where(
+                        (jobs.c.tenant == tenant) & (jobs.c.request_id == request_id)
+                    )
+                ).first()
                 if row is not None:
                     existing = Job.from_row(row)
                     if existing.spec_hash != spec_hash:
@@ -266,6 +284,17 @@ class Store:
                             "with a different spec"
                         )
                     return existing, False
+            if max_queued is not None:
+                queued = conn.execute(
+                    sa.select(sa.func.count()).where(
+                        (jobs.c.tenant == tenant) & (jobs.c.state == JobState.QUEUED.value)
+                    )
+                ).scalar_one()
+                if queued >= max_queued:
+                    raise QueueFull(
+                        f"{queued} jobs already queued for this tenant; the limit is "
+                        f"{max_queued} (max_queued_per_tenant): wait for some to start"
+                    )
             job_id = new_job_id()
             conn.execute(
                 jobs.insert().values(
@@ -287,6 +316,7 @@ class Store:
                     test_metrics="{}",
                     last_seq=0,
                     needs=needs,
+                    tenant=tenant,
                 )
             )
             self._append(conn, job_id, [_state_event(JobState.QUEUED, 0)])
@@ -295,12 +325,18 @@ class Store:
                 conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
             ), True
 
-    def get_job(self, job_id: str) -> Job:
+    def get_job(self, job_id: str, tenant: str | None = None) -> Job:
+        """The job; with `tenant`, only that tenant's (another's is as unknown as a missing
+        one, so ids reveal nothing)."""
         with self.reader.connect() as conn:
-            return self._get(conn, job_id)
+            return self._get(conn, job_id, tenant=tenant)
 
-    def _get(self, conn: sa.Connection, job_id: str, *, lock: bool = False) -> Job:
+    def _get(
+        self, conn: sa.Connection, job_id: str, *, lock: bool = False, tenant: str | None = None
+    ) -> Job:
         query = sa.select(jobs).where(jobs.c.id == job_id)
+        if tenant is not None:
+            query = query.where(jobs.c.tenant == tenant)
         row = conn.execute(self._locked(query) if lock else query).first()
         if row is None:
             raise JobNotFound(f"no job {job_id!r}")
@@ -314,9 +350,12 @@ class Store:
         name: str | None = None,
         after: tuple[float, str] | None = None,
         limit: int = 50,
+        tenant: str | None = None,
     ) -> list[Job]:
         """Newest first; `after` is the (created_at, id) of the last job of the previous page."""
         query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc())
+        if tenant is not None:
+            query = query.where(jobs.c.tenant == tenant)
         states = [s.value for s in states]
         if states:
             query = query.where(jobs.c.state.in_(states))
@@ -386,10 +425,10 @@ class Store:
             self._notify(conn, QUEUE_CHANNEL, job.id)
         self._append(conn, job.id, [_state_event(to, values.get("attempts", job.attempts), error)])
 
-    def cancel(self, job_id: str) -> Job:
+    def cancel(self, job_id: str, tenant: str | None = None) -> Job:
         """QUEUED becomes CANCELLED at once; RUNNING becomes CANCELLING and its worker stops it."""
         with self.engine.begin() as conn:
-            job = self._get(conn, job_id, lock=True)
+            job = self._get(conn, job_id, lock=True, tenant=tenant)
             if job.terminal:
                 raise JobFinished(f"job {job_id} already {job.state.value.lower()}")
             if job.state == JobState.QUEUED:
@@ -487,6 +526,40 @@ class Store:
                     self.transition(conn, job, JobState.FAILED, error=error)
                     acted.append((job.id, JobState.FAILED))
         return acted
+
+    # ---------------------------------------------------------------- retention
+
+    def prune(
+        self, *, finished_before: float | None = None, keep_last: int | None = None
+    ) -> list[str]:
+        """Delete finished jobs (and their events) that ended before `finished_before`, or
+        beyond the newest `keep_last` finished ones; never a queued or running job. Returns
+        the ids deleted, for their artifacts to go too."""
+        terminal = [s.value for s in TERMINAL]
+        doomed: set[str] = set()
+        with self.engine.begin() as conn:
+            if finished_before is not None:
+                rows = conn.execute(
+                    sa.select(jobs.c.id).where(
+                        jobs.c.state.in_(terminal) & (jobs.c.finished_at < finished_before)
+                    )
+                )
+                doomed.update(r[0] for r in rows)
+            if keep_last is not None:
+                rows = conn.execute(
+                    sa.select(jobs.c.id)
+                    .where(jobs.c.state.in_(terminal))
+                    .order_by(jobs.c.finished_at.desc(), jobs.c.id.desc())
+                    .offset(keep_last)
+                )
+                doomed.update(r[0] for r in rows)
+            ids = sorted(doomed)
+            for chunk in range(0, len(ids), 500):
+                some = ids[chunk : chunk + 500]
+                conn.execute(events.delete().where(events.c.job_id.in_(some)))
+                # The state is checked again here: a job cannot be pruned unless finished.
+                conn.execute(jobs.delete().where(jobs.c.id.in_(some) & jobs.c.state.in_(terminal)))
+        return ids
 
     # ---------------------------------------------------------------- workers
 

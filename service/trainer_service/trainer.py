@@ -60,6 +60,7 @@ def train(
     paths: DataPaths | None = None,
     resume: bool = False,
     job_id: str | None = None,
+    handing_back: Callable[[], bool] = lambda: False,
 ) -> ResultEvent:
     """Train `spec`, emitting events; return (and emit) the final ResultEvent.
 
@@ -67,6 +68,8 @@ def train(
     from the latest checkpoint there, if any. A run that fails while training (non-finite
     loss, timeout, out of memory) ends in a failed result; a dataset that cannot be had
     raises a `TrainerError`. `job_id` names the job in log lines (the spec's name otherwise).
+    When `should_stop` stops the run and `handing_back()` is true (its process is shutting
+    down, not cancelling), a checkpoint is written first, so the next attempt loses no step.
     """
     started = time.monotonic()
     workdir = Path(workdir)
@@ -76,6 +79,7 @@ def train(
     try:
         with _placement(spec):
             run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started, job_id)
+            run.handing_back = handing_back
             result = run.execute(resume)
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -136,6 +140,7 @@ class _Run:
         self.spec: JobSpec = spec
         self.emit: Emit = emit
         self.should_stop: ShouldStop = should_stop
+        self.handing_back: Callable[[], bool] = lambda: False
         self.workdir: Path = workdir
         self.paths: DataPaths = paths
         self.started: float = started
@@ -397,6 +402,10 @@ class _StepStream(keras.callbacks.Callback):
     def _after_window(self) -> None:
         run, step, t = self.run, self.step, self.run.spec.training
         if run.should_stop():
+            if run.handing_back() and step > self.start:
+                run.checkpoint(step)
+                self._stop("cancelled", "handed_back")
+                return
             self._stop("cancelled", "cancelled")
             return
         if run.deadline is not None and time.monotonic() > run.deadline:

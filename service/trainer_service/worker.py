@@ -214,6 +214,7 @@ class Worker:
                 paths=self.paths,
                 resume=job.attempts > 1,
                 job_id=job.id,
+                handing_back=lambda: self.stopping.is_set() and not run.cancel,
             )
             if result.outcome == "succeeded" and result.model_path:
                 key = f"jobs/{job.id}/model.keras"

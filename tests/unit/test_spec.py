@@ -445,3 +445,26 @@ def test_whole_floats_from_json_are_accepted_as_counts():
     assert spec.training.steps == 10 and spec.runtime.steps_per_execution == 5
     with pytest.raises(SpecError, match="steps_per_execution"):
         JobSpec.parse({"runtime": {"steps_per_execution": 2.5}})
+
+
+def test_a_servers_limits_are_named_in_the_error():
+    from trainer_client.spec import SpecLimits
+
+    limits = SpecLimits(max_steps=1000, max_epochs=5, max_layers=3, max_units=256)
+    spec = {
+        "model": {"architecture": "mlp", "hidden_units": [64, 512, 64, 64]},
+        "training": {"steps": 5000},
+    }
+    with pytest.raises(SpecError) as err:
+        JobSpec.parse(spec, limits=limits)
+    messages = dict((p.field, p.message) for p in err.value.problems)
+    assert "max_steps" in messages["training.steps"] and "5000" in messages["training.steps"]
+    assert "max_layers" in messages["model"]
+    assert "max_units" in messages["model.hidden_units.1"]
+    layers = {"architecture": "layers", "layers": [{"type": "dense", "units": 300}]}
+    with pytest.raises(SpecError, match=r"model\.layers\.0\.units: 300 units .*max_units"):
+        JobSpec.parse({"model": layers}, limits=limits)
+    with pytest.raises(SpecError, match="max_epochs"):
+        JobSpec.parse({"training": {"epochs": 6}}, limits=limits)
+    assert JobSpec.parse({"training": {"steps": 1000}}, limits=limits).training.steps == 1000
+    assert JobSpec.parse(spec).training.steps == 5000  # no limits: only the spec's own rules

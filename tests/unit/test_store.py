@@ -249,3 +249,56 @@ def test_a_rescue_racing_a_heartbeat_never_requeues_a_renewed_lease(store):
     store.heartbeat(job.id, "w", 30)  # renewed before the rescuer looked again
     assert store.rescue() == []
     assert store.get_job(job.id).state == JobState.RUNNING
+
+
+def test_tenants_see_only_their_own_jobs(store):
+    mine, _ = store.create_job(name="a", spec={}, spec_hash="h", labels={}, tenant="team-a")
+    theirs, _ = store.create_job(name="b", spec={}, spec_hash="h", labels={}, tenant="team-b")
+    assert store.get_job(mine.id, tenant="team-a").tenant == "team-a"
+    with pytest.raises(JobNotFound, match=f"no job '{theirs.id}'"):
+        store.get_job(theirs.id, tenant="team-a")
+    with pytest.raises(JobNotFound):
+        store.cancel(theirs.id, tenant="team-a")
+    assert [j.id for j in store.list_jobs(tenant="team-a")] == [mine.id]
+    assert {j.id for j in store.list_jobs()} == {mine.id, theirs.id}  # no tenant: all of them
+
+
+def test_a_request_id_is_unique_within_a_tenant_only(store):
+    a, _ = store.create_job(name="a", spec={}, spec_hash="h", labels={}, request_id="r", tenant="x")
+    b, created = store.create_job(
+        name="b", spec={}, spec_hash="other", labels={}, request_id="r", tenant="y"
+    )
+    assert created and a.id != b.id  # tenant y learns nothing of tenant x's request
+    again, created = store.create_job(
+        name="a", spec={}, spec_hash="h", labels={}, request_id="r", tenant="x"
+    )
+    assert not created and again.id == a.id
+
+
+def test_a_tenant_may_queue_only_so_many_jobs(store):
+    from trainer_service.store import QueueFull
+
+    for i in range(2):
+        store.create_job(name=f"q{i}", spec={}, spec_hash="h", labels={}, tenant="t", max_queued=2)
+    with pytest.raises(QueueFull, match="max_queued_per_tenant"):
+        store.create_job(name="q2", spec={}, spec_hash="h", labels={}, tenant="t", max_queued=2)
+    store.create_job(name="o", spec={}, spec_hash="h", labels={}, tenant="other", max_queued=2)
+    store.claim("w", 30)  # one of t's starts: room for another
+    store.create_job(name="q3", spec={}, spec_hash="h", labels={}, tenant="t", max_queued=2)
+
+
+def test_pruning_deletes_old_finished_jobs_and_never_live_ones(store):
+    old = [make(store, f"old{i}") for i in range(3)]
+    for job in old:
+        claimed = store.claim("w", 30)
+        assert claimed.id == job.id
+        store.finish(claimed.id, "w", JobState.SUCCEEDED)
+    running = make(store, "running")
+    store.claim("w", 30)
+    queued = make(store, "queued")
+    assert store.prune(keep_last=1) == sorted(j.id for j in old[:2])
+    left = {j.id for j in store.list_jobs()}
+    assert left == {old[2].id, running.id, queued.id}
+    assert store.read_events(old[0].id) == []
+    assert store.prune(finished_before=time.time() + 1) == [old[2].id]
+    assert {j.id for j in store.list_jobs()} == {running.id, queued.id}
