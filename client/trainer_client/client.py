@@ -233,14 +233,21 @@ class Job:
                 time.sleep(0.5)
 
     def wait(self, timeout: float | None = None) -> JobInfo:
-        """Block until the job ends; return its final state. TimeoutError after `timeout`."""
+        """Block until the job ends; return its final state. TimeoutError after `timeout`.
+        A server or database that is briefly unavailable is waited out like the job."""
         end = None if timeout is None else time.monotonic() + timeout
+        state = "unknown"
         while True:
-            info = self.info()
-            if info.terminal:
-                return info
+            try:
+                info = self.info()
+                if info.terminal:
+                    return info
+                state = info.state
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
             if end is not None and time.monotonic() >= end:
-                raise TimeoutError(f"{self.name} still {info.state} after {timeout} s")
+                raise TimeoutError(f"{self.name} still {state} after {timeout} s")
             time.sleep(0.1 if end is None else min(0.1, max(end - time.monotonic(), 0.01)))
 
     def cancel(self) -> JobInfo:

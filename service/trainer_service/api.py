@@ -231,7 +231,7 @@ def downsample(n: int, max_points: int) -> list[int]:
     return picked[-max_points:]
 
 
-_FILTER_TERM = re.compile(r"^(state|name|label\.[A-Za-z0-9_.-]+)=(\S+)$")
+_FILTER_TERM = re.compile(r"^(state|name|label\.[A-Za-z0-9_.-]+)=([^\s\x00]+)$")
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CHUNK = 1024 * 1024
 PACE_PER_WATCHER = 0.01  # seconds between one watcher's messages, per watcher of the job
@@ -314,7 +314,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def CreateJob(self, request, context):
         self._check_open()
         tenant = self.auth.tenant_of(context)
-        spec = JobSpec.parse(json_format.MessageToDict(request.spec), limits=self.limits)
+        try:
+            data = json_format.MessageToDict(request.spec)
+        except ValueError as exc:  # NaN or Infinity, which JSON (and so a spec) cannot hold
+            raise InvalidArgument(f"spec: every number must be finite ({exc})") from None
+        spec = JobSpec.parse(data, limits=self.limits)
         if tenant is not None and spec.dataset.name == "npz":
             mine = f"uploads/{tenant}/"
             path = spec.dataset.path or ""
@@ -325,6 +329,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 )
         if request.priority and not -1000 <= request.priority <= 1000:
             raise InvalidArgument("priority: must be between -1000 and 1000")
+        if len(request.request_id) > 128 or "\x00" in request.request_id:
+            raise InvalidArgument("request_id: at most 128 characters, and no NUL")
         if request.max_attempts < 0 or request.max_attempts > 100:
             raise InvalidArgument("max_attempts: must be between 0 and 100")
         max_attempts = request.max_attempts or self.settings.max_attempts
@@ -362,6 +368,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if request.page_token:
             try:
                 created, job_id = base64.urlsafe_b64decode(request.page_token).decode().split("|")
+                if "\x00" in job_id:  # no id has one, and PostgreSQL refuses it in a query
+                    raise ValueError(job_id)
                 after = (float(created), job_id)
             except ValueError:
                 raise InvalidArgument("page_token: not a token this server gave out") from None
@@ -375,7 +383,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @_handled
     def CancelJob(self, request, context):
-        job = self.store.cancel(job_id_of(request.name), self.auth.tenant_of(context))
+        tenant = self.auth.tenant_of(context)  # before the name: a stranger learns nothing
+        job = self.store.cancel(job_id_of(request.name), tenant)
         log.info("job %s: cancel requested (%s)", job.id, job.state.value)
         return job_to_proto(job)
 
@@ -443,8 +452,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @_handled
     def GetJobMetrics(self, request, context):
+        tenant = self.auth.tenant_of(context)
         job_id = job_id_of(request.name)
-        self.store.get_job(job_id, self.auth.tenant_of(context))
+        self.store.get_job(job_id, tenant)
         steps, evals, cursor = [], [], 0
         while True:
             rows = self.store.read_events(job_id, cursor, 10000)
@@ -470,7 +480,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     @_handled
     def DownloadModel(self, request, context):
-        job = self.store.get_job(job_id_of(request.name), self.auth.tenant_of(context))
+        tenant = self.auth.tenant_of(context)
+        job = self.store.get_job(job_id_of(request.name), tenant)
         key = job.model_path
         if not key or not self.artifacts.exists(key):
             raise JobFinished(

@@ -28,6 +28,7 @@ from trainer_client.events import (
 from trainer_client.spec import JobSpec
 from trainer_service import datasets, models
 from trainer_service.datasets import Data, DataPaths
+from trainer_service.errors import TrainerError
 from trainer_service.registry import LOSSES, METRICS, OPTIMIZERS, Labels, learning_rate
 from trainer_service.step_record import STEP_COUNT, STEP_LOSSES, STEP_VALUES, StepRecorder
 
@@ -124,6 +125,57 @@ class NoGPU(RuntimeError):
     reason = "no_gpu"
 
 
+class OutOfMemory(TrainerError):
+    reason = "out_of_memory"
+
+
+def _check_memory(model: keras.Model, spec: JobSpec, log: Callable[..., None]) -> None:
+    """Refuse, before the first step, a job whose batch cannot fit in this machine's memory.
+
+    On the CPU, TensorFlow does not raise when an allocation fails: its compute thread crashes
+    the whole process. So the activations of one batch (kept for the backward pass, with their
+    gradients and a working copy) and the weights with their gradients and optimizer slots
+    are estimated and compared with the memory the kernel says is available. On a GPU the
+    framework raises a proper error, caught around training.
+    """
+    if gpu_available():
+        return
+    available = _available_bytes()
+    if available is None:
+        return
+    per_example = 0
+    for layer in model.layers:
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        size = 1
+        for dim in shape[1:]:
+            size *= dim or 1
+        per_example += size
+    width = 2 if spec.runtime.precision == "mixed_float16" else 4
+    batch = spec.training.batch_size
+    need = 3 * batch * per_example * width + 4 * model.count_params() * 4
+    if need > available:
+        raise OutOfMemory(
+            f"out of memory: one batch needs about {need / 2**30:.1f} GiB (batch_size {batch}, "
+            f"{per_example:,} activations per example) and this worker has "
+            f"{available / 2**30:.1f} GiB available; use a smaller batch or model"
+        )
+    log("memory: about %.2f GiB of %.1f GiB available", need / 2**30, available / 2**30)
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def latest_checkpoint(workdir: Path | str) -> tuple[int, Path] | None:
     """(step, path) of the newest complete checkpoint in `workdir`, if any."""
     marker = Path(workdir) / "checkpoints" / "latest.json"
@@ -173,6 +225,7 @@ class _Run:
         self.total = t.steps if t.steps is not None else t.epochs * self.steps_per_epoch
 
         model = models.build(spec, data)
+        _check_memory(model, spec, self.log)
         loss = LOSSES.get(spec.loss.name)(spec.loss)
         window = self._window(model, data)
         self.labels = Labels(

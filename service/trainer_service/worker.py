@@ -223,6 +223,11 @@ class Worker:
         except (TrainerError, NoGPU, SpecError) as exc:
             self._fail(run, getattr(exc, "reason", "invalid_spec"), str(exc))
             return
+        except MemoryError:
+            # numpy refuses an allocation larger than the machine (a dataset too big to hold).
+            message = "out of memory while preparing the job; use a smaller dataset or model"
+            self._fail(run, "out_of_memory", message)
+            return
         except Exception as exc:  # a bug or a framework error: fail the job, keep the worker
             log.exception("job %s: training raised", job.id)
             self._fail(run, "internal_error", f"{type(exc).__name__}: {exc}")
