@@ -7,7 +7,6 @@ reaches the client as INTERNAL.
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import hashlib
 import inspect
@@ -393,11 +392,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         tenant = self.auth.tenant_of(context)
         job_id = job_id_of(request.name)
         self.store.get_job(job_id, tenant)  # another tenant's job is not found
-        with self._watcher(tenant):
+        release = self._take_watcher_slot(tenant)
+        # The slot is free the moment the stream ends (deadline, cancel, disconnect), not when
+        # this thread next wakes up to notice.
+        context.add_callback(release)
+        try:
             yield from self._watch(job_id, request.after_seq, context)
+        finally:
+            release()
 
-    @contextlib.contextmanager
-    def _watcher(self, tenant: str | None):
+    def _take_watcher_slot(self, tenant: str | None) -> Callable[[], None]:
         limit = self.settings.max_watchers_per_tenant
         with self.watching_lock:
             if self.watching.get(tenant, 0) >= limit:
@@ -406,16 +410,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     "(max_watchers_per_tenant); close some first"
                 )
             self.watching[tenant] = self.watching.get(tenant, 0) + 1
-        try:
-            yield
-        finally:
+        released = threading.Event()
+
+        def release() -> None:
             with self.watching_lock:
-                self.watching[tenant] -= 1
+                if not released.is_set():
+                    released.set()
+                    self.watching[tenant] -= 1
+
+        return release
 
     def _watch(self, job_id: str, after_seq: int, context) -> Iterator[pb.WatchJobResponse]:
         # Subscribe before reading the store: whatever the read misses, the tail delivers,
         # and seq numbers drop what both deliver.
         sub = self.tail.subscribe(job_id)
+        context.add_callback(sub.wake)  # an ended stream's thread stops waiting at once
         try:
             job = self.store.get_job(job_id)
             yield pb.WatchJobResponse(snapshot=job_to_proto(job))

@@ -20,6 +20,7 @@ from trainer_service.errors import TrainerError
 
 log = logging.getLogger(__name__)
 
+
 class Unauthenticated(TrainerError):
     reason = "unauthenticated"
 

@@ -36,6 +36,10 @@ class Subscription:
                 self.buffer.extend(rows)
             self.ready.notify_all()
 
+    def wake(self) -> None:
+        with self.ready:
+            self.ready.notify_all()
+
     def take(self, timeout: float) -> tuple[list[EventRow], bool]:
         """(buffered rows, whether the watcher must re-read from the store)."""
         with self.ready:

@@ -1,0 +1,41 @@
+"""Retention deletes finished jobs with their events and artifacts, and nothing live."""
+
+from __future__ import annotations
+
+from trainer_service.artifacts import ArtifactStore
+from trainer_service.config import Settings
+from trainer_service.retention import prune
+from trainer_service.store import JobState, Store
+
+
+def test_prune_takes_the_rows_events_and_artifacts_of_finished_jobs_only(tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    artifacts = ArtifactStore(str(tmp_path / "artifacts"))
+    done, live = [], None
+    for name in ("a", "b", "live"):
+        job, _ = store.create_job(name=name, spec={}, spec_hash="h", labels={})
+        claimed = store.claim("w", 30)
+        (settings.job_dir(job.id)).mkdir(parents=True)
+        artifacts.write_text(f"jobs/{job.id}/model.keras", "weights")
+        if name == "live":
+            live = claimed
+        else:
+            store.finish(claimed.id, "w", JobState.SUCCEEDED)
+            done.append(job)
+    removed = prune(settings, keep_last=0, store=store, artifacts=artifacts)
+    assert sorted(removed) == sorted(j.id for j in done)
+    for job in done:
+        assert not artifacts.exists(f"jobs/{job.id}/model.keras")
+        assert not settings.job_dir(job.id).exists()
+        assert store.read_events(job.id) == []
+    assert artifacts.exists(f"jobs/{live.id}/model.keras")
+    assert store.get_job(live.id).state == JobState.RUNNING
+    store.close()
+
+
+def test_trainer_prune_needs_a_rule(capsys):
+    from trainer_client.cli import main
+
+    assert main(["prune"]) == 2
+    assert "--older-than-days" in capsys.readouterr().err
