@@ -314,7 +314,7 @@ def _serve(args: argparse.Namespace) -> int:
     store = _safe(settings.store_url)
     print(
         f"trainer serve: grpc {server.host}:{server.port} metrics "
-        f"{settings.host}:{server.metrics_port} workers {workers} store {store}; "
+        f"{server.host}:{server.metrics_port} workers {workers} store {store}; "
         f"{server.describe}",
         flush=True,
     )

@@ -550,6 +550,8 @@ class JobSpec(_Spec):
             return None
         if isinstance(v, str):
             v = [v]
+        if not isinstance(v, (list, tuple)):
+            raise ValueError(f"a metric name or a list of them, not {type(v).__name__}")
         out = []
         for i, metric in enumerate(v):
             try:

@@ -112,6 +112,61 @@ def _abort(context: grpc.ServicerContext, exc: Exception, rpc: str) -> None:
     context.abort(code, str(exc))
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are no message of its type."""
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """Bytes that are no valid request: INVALID_ARGUMENT, where grpcio would answer INTERNAL
+    from its own decoding before any code of ours runs."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        decode, method = handler.request_deserializer, details.method
+        message = f"the request is not a valid {method.rsplit('/', 1)[-1]} request message"
+
+        def guarded(data: bytes):
+            try:
+                return decode(data)
+            except Exception:
+                return _Undecodable()
+
+        def checked(behavior):
+            def unary_request(request, context):
+                if isinstance(request, _Undecodable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                return behavior(request, context)
+
+            return unary_request
+
+        def stream_request(behavior):
+            def call(requests, context):
+                def each():
+                    for request in requests:
+                        if isinstance(request, _Undecodable):
+                            raise InvalidArgument(message)
+                        yield request
+
+                return behavior(each(), context)
+
+            return call
+
+        kinds = {
+            (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler, checked),
+            (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler, checked),
+            (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler, stream_request),
+            (True, True): ("stream_stream", grpc.stream_stream_rpc_method_handler, stream_request),
+        }
+        name, make, wrap = kinds[(handler.request_streaming, handler.response_streaming)]
+        return make(
+            wrap(getattr(handler, name)),
+            request_deserializer=guarded,
+            response_serializer=handler.response_serializer,
+        )
+
+
 # ---------------------------------------------------------------- conversions
 
 
@@ -233,6 +288,7 @@ def downsample(n: int, max_points: int) -> list[int]:
 _FILTER_TERM = re.compile(r"^(state|name|label\.[A-Za-z0-9_.-]+)=([^\s\x00]+)$")
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CHUNK = 1024 * 1024
+RESERVED_THREADS = 32  # RPC threads kept for unary calls however many streams are open
 PACE_PER_WATCHER = 0.01  # seconds between one watcher's messages, per watcher of the job
 MAX_PACE = 0.5
 
@@ -403,7 +459,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def _take_watcher_slot(self, tenant: str | None) -> Callable[[], None]:
         limit = self.settings.max_watchers_per_tenant
+        # Each stream holds an RPC thread: leave some for everyone's unary calls.
+        streams = max(self.settings.rpc_threads - RESERVED_THREADS, 1)
         with self.watching_lock:
+            if sum(self.watching.values()) >= streams:
+                raise ResourceExhausted(
+                    f"this server has {streams} streams open, its most (rpc_threads - "
+                    f"{RESERVED_THREADS}); retry shortly or through another replica"
+                )
             if self.watching.get(tenant, 0) >= limit:
                 raise ResourceExhausted(
                     f"this tenant already has {limit} streams open on this server "

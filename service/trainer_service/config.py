@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     # Limits, each named in the error that enforces it.
     max_message_bytes: int = 8 * 1024 * 1024
     max_queued_per_tenant: int = 1000
-    max_watchers_per_tenant: int = 200
+    max_watchers_per_tenant: int = 64
+    rpc_threads: int = 256  # streams are capped below it, so unary calls always find a thread
     max_steps: int = 10_000_000
     max_epochs: int = 10_000
     max_layers: int = 64

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from trainer.v1 import trainer_pb2, trainer_pb2_grpc
-from trainer_service.api import TrainerServicer
+from trainer_service.api import DecodeGuard, TrainerServicer
 from trainer_service.artifacts import ArtifactStore
 from trainer_service.auth import Auth, TokenTable, is_loopback, server_credentials
 from trainer_service.config import Settings
@@ -155,7 +155,8 @@ class Server:
         self.health = health.HealthServicer()
         keepalive_ms = int(settings.keepalive_seconds * 1000)
         self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(max_workers=settings.rpc_threads, thread_name_prefix="rpc"),
+            interceptors=[DecodeGuard()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -203,8 +204,9 @@ class Server:
         self.wakeups.start()
         self.tail.start()
         self.grpc.start()
+        # The same host as gRPC: without authentication, loopback only (job names are in it).
         http, _ = start_http_server(
-            self.settings.metrics_port, addr=self.settings.host, registry=self.registry
+            self.settings.metrics_port, addr=self.host, registry=self.registry
         )
         self.metrics_http = http
         self.metrics_port = http.server_port

@@ -285,6 +285,10 @@ class Store:
                         )
                     return existing, False
             if max_queued is not None:
+                if self.postgres:
+                    # Concurrent submits of one tenant count and insert one after another;
+                    # taken before any row lock, so it cannot deadlock with the event lock.
+                    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(tenant))))
                 queued = conn.execute(
                     sa.select(sa.func.count()).where(
                         (jobs.c.tenant == tenant) & (jobs.c.state == JobState.QUEUED.value)
