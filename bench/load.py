@@ -10,7 +10,8 @@ watchers   --watchers raw-protobuf WatchJob streams in a child process of their 
            long jobs (2000 steps each) submitted just before the load at priority 1, so they
            train while it runs. Every event's seq must be the previous one + 1 (no gaps, no
            repeats). step->client: receive time minus the step's time on the worker.
-memory     RSS of the server process and of its children (the worker) from /proc every 0.5 s.
+memory     RSS of the server process and of its children (the worker) from /proc every 0.5 s;
+           with their CPU seconds and the whole machine's, to tell what limited the rate.
 end        when the load stops and the calls in flight have answered (or timed out), the
            store is read directly: how many of the load's jobs are in a terminal state, and
            the queue depth; again --drain s (15) after the load's end, for the worker's rate
@@ -95,6 +96,7 @@ def request(spec: dict, priority: int = 0) -> pb.CreateJobRequest:
 
 def start_server(data_dir: Path, store: str, log: Path) -> tuple[subprocess.Popen, str]:
     """`trainer serve` as bench/service.py starts it, with the limits raised through env."""
+    err = log.open("w")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -113,11 +115,12 @@ def start_server(data_dir: Path, store: str, log: Path) -> tuple[subprocess.Pope
             store,
         ],
         stdout=subprocess.PIPE,
-        stderr=log.open("w"),
+        stderr=err,
         text=True,
         env=os.environ | ENV,
         start_new_session=True,  # its own process group: nothing of it can outlive the run
     )
+    err.close()  # the server has its own copy
     match = re.search(r"grpc (\S+:\d+)", proc.stdout.readline())
     assert match, f"server did not start; see {log}"
     return proc, match.group(1)
@@ -152,22 +155,50 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError):
+        return 0.0
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]
+    total = sum(ticks[:8])
+    hz = os.sysconf("SC_CLK_TCK")
+    return (total - idle) / hz, total / hz
+
+
 class RssSampler(threading.Thread):
-    """(time, server MiB, children MiB) every `interval` seconds."""
+    """Every `interval` seconds: (time, server MiB, children MiB, server CPU s, children CPU s,
+    machine busy CPU s, machine total CPU s)."""
 
     def __init__(self, pid: int, interval: float = 0.5):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
-        self.samples: list[tuple[float, float, float]] = []
+        self.samples: list[tuple[float, ...]] = []
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            kids = sum(rss_mib(p) for p in descendants(self.pid))
-            self.samples.append((time.monotonic(), rss_mib(self.pid), kids))
+            kids = descendants(self.pid)
+            self.samples.append(
+                (
+                    time.monotonic(),
+                    rss_mib(self.pid),
+                    sum(rss_mib(p) for p in kids),
+                    cpu_seconds(self.pid),
+                    sum(cpu_seconds(p) for p in kids),
+                    *machine_cpu(),
+                )
+            )
             self.done.wait(self.interval)
 
-    def at(self, t: float) -> tuple[float, float, float]:
+    def at(self, t: float) -> tuple[float, ...]:
         return min(self.samples, key=lambda s: abs(s[0] - t))
 
 
@@ -438,20 +469,28 @@ def run(args: argparse.Namespace, store_url: str, tmp: Path) -> int:
             f"{label} RSS MiB: start {s0[i]:.0f}, peak {max(s[i] for s in during):.0f}, "
             f"at the load's end {s1[i]:.0f}, {args.drain:g} s later {s2[i]:.0f}"
         )
+    span = s1[0] - s0[0]
+    print(
+        f"CPU over the load ({span:.1f} s): server {s1[3] - s0[3]:.1f} s "
+        f"({(s1[3] - s0[3]) / span:.0%} of a core), worker {s1[4] - s0[4]:.1f} s "
+        f"({(s1[4] - s0[4]) / span:.0%}); the whole machine (every process on it) busy "
+        f"{(s1[5] - s0[5]) / (s1[6] - s0[6]):.0%} of its {os.cpu_count()} cores"
+    )
 
     def depth(c: dict) -> dict:
         return {k: v for k, v in c["depth"].items() if v}
 
     print(
-        f"jobs: {counts['terminal']} of the {len(ok)} submitted in a terminal state at the "
-        f"load's end ({counts['failed']} failed or cancelled); queue depth {depth(counts)}"
+        f"jobs: {counts['terminal']} of the {len(ok)} submitted (OK) in a terminal state when "
+        f"the last answer came, {answered - load_end:.1f} s after the load "
+        f"({counts['failed']} failed or cancelled); queue depth {depth(counts)}"
     )
     done = after["terminal"] - counts["terminal"]
     print(
-        f"  {args.drain:g} s later: {after['terminal']} ({done / (drained - answered):.1f} "
-        f"jobs/s in between); queue depth {depth(after)}"
+        f"  {drained - load_end:.1f} s after the load: {after['terminal']} "
+        f"({done / (drained - answered):.1f} jobs/s in between); queue depth {depth(after)}; "
+        f"jobs created whose client saw an error: {after['unanswered']}"
     )
-    print(f"  created without an OK answer to the client: {after['unanswered']}")
     problems = [
         line.rstrip()
         for line in log.read_text().splitlines()

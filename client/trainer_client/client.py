@@ -36,6 +36,7 @@ from trainer_client.events import (
 from trainer_client.spec import JobSpec, load_spec
 
 DEFAULT_ADDRESS = "localhost:50051"
+SUBMIT_RETRIES = 3
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 # Codes worth retrying a stream on: the server restarting or a network blip.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -328,7 +329,8 @@ class TrainingClient:
         max_attempts: int = 0,
     ) -> Job:
         """Validate `spec` here (a JobSpec, dict, or YAML/JSON path), then create the job.
-        Retrying with the same request_id never creates a second job."""
+        Retrying with the same request_id never creates a second job, so a call that timed
+        out or found the server unavailable is retried a few times with the same id."""
         parsed = load_spec(spec)
         request = pb.CreateJobRequest(
             spec=_spec_struct(parsed),
@@ -336,7 +338,15 @@ class TrainingClient:
             priority=priority,
             max_attempts=max_attempts,
         )
-        return Job(self, self._call("CreateJob", request).name)
+        retriable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        for attempt in range(SUBMIT_RETRIES + 1):
+            try:
+                return Job(self, self._call("CreateJob", request).name)
+            except grpc.RpcError as exc:
+                if exc.code() not in retriable or attempt == SUBMIT_RETRIES:
+                    raise
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def job(self, name: str) -> Job:
         return Job(self, name)

@@ -87,6 +87,11 @@ def _handled(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def unary(self, request, context):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # Waited for a thread past its deadline: its caller has given up (and may retry
+            # with the same request_id), so doing the work now would only add load.
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed in the queue")
         try:
             return method(self, request, context)
         except Exception as exc:

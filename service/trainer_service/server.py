@@ -27,6 +27,7 @@ from trainer_service.retention import policy_cutoff, prune
 from trainer_service.store import EVENTS_CHANNEL, Store
 from trainer_service.tail import EventTail
 from trainer_service.wakeups import Wakeups
+from trainer_service.worker import RETIRED
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -73,6 +74,7 @@ class Supervisor:
             TRAINER_ARTIFACTS=s.artifacts_url,
             TRAINER_ARTIFACT_OPTIONS=json.dumps(s.artifact_options),
             TRAINER_NOTIFY_POLL_SECONDS=str(s.notify_poll_seconds),
+            TRAINER_WORKER_MAX_JOBS=str(s.worker_max_jobs),
             TRAINER_LEASE_SECONDS=str(s.lease_seconds),
             TRAINER_HEARTBEAT_SECONDS=str(s.heartbeat_seconds),
             TRAINER_POLL_SECONDS=str(s.poll_seconds),
@@ -98,12 +100,17 @@ class Supervisor:
                 for slot, devices in self.slots:
                     proc = self.procs.get(slot)
                     if proc is not None and proc.poll() is not None and not self.stopping.is_set():
-                        log.warning(
-                            "worker %s: exited with %s; starting it again", slot, proc.returncode
-                        )
+                        if proc.returncode == RETIRED:
+                            log.info("worker %s: retired; starting a fresh one", slot)
+                        else:
+                            log.warning(
+                                "worker %s: exited with %s; starting it again",
+                                slot,
+                                proc.returncode,
+                            )
+                            if self.metrics:
+                                self.metrics.restarts.inc()
                         self._spawn(slot, devices)
-                        if self.metrics:
-                            self.metrics.restarts.inc()
                 self._observe()
 
     def _observe(self) -> None:

@@ -36,6 +36,7 @@ from trainer_service.wakeups import Wakeups
 log = logging.getLogger(__name__)
 # The database is restarting or unreachable: what the worker has is kept and written later.
 STORE_DOWN = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+RETIRED = 99  # exit status of a worker replaced after worker_max_jobs; its supervisor knows
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -154,6 +155,8 @@ class Worker:
         self.wakeups = wakeups or Wakeups(settings.store_url, (QUEUE_CHANNEL,))
         self.devices = devices if devices is not None else ["CPU:0"]
         self.gpus = sum(1 for d in self.devices if d.startswith("GPU"))
+        self.jobs_run = 0
+        self.retired = False
 
     def run(self) -> None:
         self.store.register_worker(self.id, socket.gethostname(), self.devices)
@@ -179,6 +182,13 @@ class Worker:
                 continue
             self.run_job(job)
             seen = time.monotonic()
+            self.jobs_run += 1
+            if self.jobs_run >= self.settings.worker_max_jobs:
+                log.info(
+                    "worker %s: %d jobs run; a fresh process takes over", self.id, self.jobs_run
+                )
+                self.retired = True
+                break
         with contextlib.suppress(Exception):
             self.store.worker_seen(self.id, stopped=True)
         log.info("worker %s: stopped", self.id)
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.run()
     wakeups.stop()
     store.close()
-    return 0
+    return RETIRED if worker.retired else 0
 
 
 if __name__ == "__main__":

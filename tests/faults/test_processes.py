@@ -251,3 +251,31 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def test_a_worker_is_replaced_after_its_quota_of_jobs_and_nothing_is_lost(start_service):
+    """Each job leaves a little memory in the framework; a worker retires after
+    worker_max_jobs and a fresh process carries on with the queue."""
+    svc = start_service(workers=1, worker_max_jobs=2)
+    (first,) = svc.wait_for_workers(1)
+    with TrainingClient(svc.address) as c:
+        jobs = [c.submit(classes(20, f"quota-{i}")) for i in range(3)]
+        infos = [job.wait(timeout=120) for job in jobs]
+        histories = [list(job.stream()) for job in jobs]
+    assert [i.state for i in infos] == ["SUCCEEDED"] * 3
+    for events in histories:
+        assert_intact(events, steps=20, final="SUCCEEDED")
+    assert first not in svc.worker_pids()  # the slot's process was replaced
+
+
+def test_a_submit_that_timed_out_is_retried_into_the_same_job(start_service):
+    svc = start_service(workers=0)
+    with TrainingClient(svc.address, timeout=0.000001) as hasty:
+        with pytest.raises(grpc.RpcError) as err:
+            hasty.submit(classes(20, "hasty"), request_id="same-one")
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with TrainingClient(svc.address) as c:
+        job = c.submit(classes(20, "hasty"), request_id="same-one")
+        listed = [j.name for j in c.jobs()]
+        job.cancel()
+    assert listed.count(job.name) == 1 and len(listed) <= 1
