@@ -7,6 +7,10 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The exit status of a worker that retires after worker_max_jobs; its supervisor starts a fresh
+# one without counting a crash. Here, so the server need not import the worker's modules.
+WORKER_RETIRED = 99
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRAINER_", extra="ignore")

@@ -21,13 +21,12 @@ from trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from trainer_service.api import DecodeGuard, TrainerServicer
 from trainer_service.artifacts import ArtifactStore
 from trainer_service.auth import Auth, TokenTable, is_loopback, server_credentials
-from trainer_service.config import Settings
+from trainer_service.config import WORKER_RETIRED, Settings
 from trainer_service.metrics import Metrics, WorkerHostMetrics
 from trainer_service.retention import policy_cutoff, prune
 from trainer_service.store import EVENTS_CHANNEL, Store
 from trainer_service.tail import EventTail
 from trainer_service.wakeups import Wakeups
-from trainer_service.worker import RETIRED
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -100,7 +99,7 @@ class Supervisor:
                 for slot, devices in self.slots:
                     proc = self.procs.get(slot)
                     if proc is not None and proc.poll() is not None and not self.stopping.is_set():
-                        if proc.returncode == RETIRED:
+                        if proc.returncode == WORKER_RETIRED:
                             log.info("worker %s: retired; starting a fresh one", slot)
                         else:
                             log.warning(

@@ -27,7 +27,7 @@ import sqlalchemy.exc
 from trainer_client.events import Event, ResultEvent
 from trainer_client.spec import JobSpec, SpecError
 from trainer_service.artifacts import ArtifactStore, pull_checkpoint, push_checkpoint
-from trainer_service.config import Settings
+from trainer_service.config import WORKER_RETIRED, Settings
 from trainer_service.datasets import DataPaths
 from trainer_service.errors import TrainerError
 from trainer_service.store import QUEUE_CHANNEL, Job, JobState, LeaseLost, NewEvent, Store
@@ -36,7 +36,6 @@ from trainer_service.wakeups import Wakeups
 log = logging.getLogger(__name__)
 # The database is restarting or unreachable: what the worker has is kept and written later.
 STORE_DOWN = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
-RETIRED = 99  # exit status of a worker replaced after worker_max_jobs; its supervisor knows
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.run()
     wakeups.stop()
     store.close()
-    return RETIRED if worker.retired else 0
+    return WORKER_RETIRED if worker.retired else 0
 
 
 if __name__ == "__main__":

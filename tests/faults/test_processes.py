@@ -11,12 +11,16 @@ import time
 import grpc
 import pytest
 
+from tests.conftest import ENGINES
 from tests.integration.test_service import classes, wait_for_step
 from trainer_client.client import TrainingClient
 
 from .conftest import assert_intact
 
 pytestmark = pytest.mark.slow
+
+# A polite stop on the embedded store, a hard kill on the shared one.
+RESTARTS = [(signal.SIGTERM, "sqlite"), (signal.SIGKILL, "postgresql")]
 
 
 def checkpointed(steps: int, name: str) -> dict:
@@ -27,6 +31,7 @@ def succeeded_count(events) -> int:
     return sum(1 for e in events if e.kind == "state" and e.state == "SUCCEEDED")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_killed_worker_job_is_retried_from_its_checkpoint(start_service):
     svc = start_service(workers=1, lease_seconds=2)
     with TrainingClient(svc.address) as c:
@@ -60,7 +65,7 @@ def test_a_job_whose_attempts_are_used_up_fails_with_the_reason(start_service):
     assert "attempts used up" in info.failure.message
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize(("how", "engine"), RESTARTS)
 def test_a_server_restart_mid_job_loses_nothing(start_service, tmp_path, how):
     data = tmp_path / "restart"
     first = start_service(data, workers=1, lease_seconds=2)
@@ -86,7 +91,7 @@ def test_a_server_restart_mid_job_loses_nothing(start_service, tmp_path, how):
     assert {e.step for e in everything if e.kind == "step"} == set(range(1, 2501))
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize(("how", "engine"), RESTARTS)
 def test_a_stream_resumes_by_itself_across_a_server_restart(start_service, tmp_path, how):
     data = tmp_path / "same-port"
     first = start_service(data, workers=1, lease_seconds=2)
@@ -104,6 +109,7 @@ def test_a_stream_resumes_by_itself_across_a_server_restart(start_service, tmp_p
     assert {e.step for e in events if e.kind == "step"} == set(range(1, 2001))
 
 
+@pytest.mark.parametrize("engine", ["postgresql"])
 def test_a_device_call_longer_than_the_lease_is_not_redelivered(start_service):
     svc = start_service(workers=1, lease_seconds=1.5)
     spec = classes(5000, "long-window")
@@ -136,6 +142,7 @@ def test_a_sigtermed_worker_checkpoints_and_hands_its_job_back(start_service):
     assert info.attempts == 2 and saved[0] >= 300
 
 
+@pytest.mark.parametrize("engine", ["postgresql"])
 def test_a_server_sigterm_leaves_no_job_running(start_service, tmp_path):
     """Draining: a running job is checkpointed and back in the queue when the server exits."""
     data = tmp_path / "drained"
@@ -157,6 +164,7 @@ def test_a_server_sigterm_leaves_no_job_running(start_service, tmp_path):
     assert info.attempts == 2
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 def test_a_cancel_racing_completion_ends_in_exactly_one_state(start_service):
     svc = start_service(workers=2)
     outcomes = []
@@ -268,6 +276,7 @@ def test_a_worker_is_replaced_after_its_quota_of_jobs_and_nothing_is_lost(start_
     assert first not in svc.worker_pids()  # the slot's process was replaced
 
 
+@pytest.mark.parametrize("engine", ["postgresql"])
 def test_a_submit_that_timed_out_is_retried_into_the_same_job(start_service):
     svc = start_service(workers=0)
     with TrainingClient(svc.address, timeout=0.000001) as hasty:

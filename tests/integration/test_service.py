@@ -262,9 +262,9 @@ def test_bad_requests_get_the_right_code(service, call, code, phrase):
 
 
 def test_download_before_a_model_exists_is_refused(client, service):
-    job = client.submit(classes(10, "cancelled-early"))
+    job = client.submit(classes(100000, "cancelled-early"))  # far from done when cancelled
     job.cancel()
-    job.wait(timeout=30)
+    assert job.wait(timeout=30).state == "CANCELLED"
     with pytest.raises(grpc.RpcError) as caught:
         job.download_model("unused.keras")
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -30,3 +30,17 @@ def test_cpu_workers_see_no_gpu_and_share_the_store(tmp_path: Path):
     assert env["TRAINER_STORE"] == settings.store_url
     assert env["TRAINER_LEASE_SECONDS"] == "7.0"
     assert env["TRAINER_DATA_DIR"] == str(tmp_path.resolve())
+
+
+def test_the_server_process_does_not_load_the_training_framework():
+    """The API server stays small (its RSS is watched in bench/load.py); only workers pay for
+    TensorFlow."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, trainer_service.server, trainer_client.cli;"
+        "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
