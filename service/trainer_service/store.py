@@ -289,11 +289,14 @@ class Store:
                     # Concurrent submits of one tenant count and insert one after another;
                     # taken before any row lock, so it cannot deadlock with the event lock.
                     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(sa.func.hashtext(tenant))))
-                queued = conn.execute(
-                    sa.select(sa.func.count()).where(
-                        (jobs.c.tenant == tenant) & (jobs.c.state == JobState.QUEUED.value)
-                    )
-                ).scalar_one()
+                # Counting stops at the limit: a long queue must not make every submit slower.
+                waiting = (
+                    sa.select(jobs.c.id)
+                    .where((jobs.c.tenant == tenant) & (jobs.c.state == JobState.QUEUED.value))
+                    .limit(max_queued)
+                    .subquery()
+                )
+                queued = conn.execute(sa.select(sa.func.count()).select_from(waiting)).scalar_one()
                 if queued >= max_queued:
                     raise QueueFull(
                         f"{queued} jobs already queued for this tenant; the limit is "
