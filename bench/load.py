@@ -35,7 +35,6 @@ import contextlib
 import itertools
 import multiprocessing
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -50,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import grpc
 
+from service import start_server
 from trainer.v1 import trainer_pb2 as pb
 from trainer.v1 import trainer_pb2_grpc
 
@@ -92,38 +92,6 @@ def request(spec: dict, priority: int = 0) -> pb.CreateJobRequest:
 
 
 # ---------------------------------------------------------------- the server and its memory
-
-
-def start_server(data_dir: Path, store: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """`trainer serve` as bench/service.py starts it, with the limits raised through env."""
-    err = log.open("w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "trainer_client.cli",
-            "serve",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--workers",
-            "1",
-            "--data-dir",
-            str(data_dir),
-            "--store",
-            store,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=err,
-        text=True,
-        env=os.environ | ENV,
-        start_new_session=True,  # its own process group: nothing of it can outlive the run
-    )
-    err.close()  # the server has its own copy
-    match = re.search(r"grpc (\S+:\d+)", proc.stdout.readline())
-    assert match, f"server did not start; see {log}"
-    return proc, match.group(1)
 
 
 def descendants(pid: int) -> list[int]:
@@ -350,7 +318,7 @@ def tally(store_url: str, names: list[str], long_jobs: list[str]) -> dict:
 
 def run(args: argparse.Namespace, store_url: str, tmp: Path) -> int:
     log = tmp / "server.log"
-    proc, address = start_server(tmp / "data", store_url, log)
+    proc, address = start_server(tmp / "data", store_url, env=ENV, log=log)
     sampler = RssSampler(proc.pid)
     sampler.start()
     ctx = multiprocessing.get_context("spawn")

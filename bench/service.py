@@ -60,8 +60,17 @@ def bare_round() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def start_server(data_dir: Path, store: str | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    data_dir: Path,
+    store: str | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+) -> tuple[subprocess.Popen, str]:
+    """`trainer serve` with one worker on free ports, in a process group of its own (nothing
+    of it can outlive the run); `env` adds TRAINER_* settings, `log` keeps its stderr."""
     flags = ["--store", store] if store else []
+    err = log.open("w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -79,11 +88,15 @@ def start_server(data_dir: Path, store: str | None = None) -> tuple[subprocess.P
             *flags,
         ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=err,
         text=True,
+        env=os.environ | (env or {}),
+        start_new_session=True,
     )
+    if log:
+        err.close()  # the server has its own copy
     match = re.search(r"grpc (\S+:\d+)", proc.stdout.readline())
-    assert match, "server did not start"
+    assert match, f"server did not start{f'; see {log}' if log else ''}"
     return proc, match.group(1)
 
 
