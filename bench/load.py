@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import grpc
 
-from service import start_server
+from service import percentile, start_server
 from trainer.v1 import trainer_pb2 as pb
 from trainer.v1 import trainer_pb2_grpc
 
@@ -73,13 +73,6 @@ ENV = {
     "TRAINER_MAX_WATCHERS_PER_TENANT": "1000",
 }
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(int(q * len(values)), len(values) - 1)]
 
 
 def request(spec: dict, priority: int = 0) -> pb.CreateJobRequest:

@@ -101,6 +101,8 @@ def start_server(
 
 
 def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     values = sorted(values)
     return values[min(int(q * len(values)), len(values) - 1)]
 

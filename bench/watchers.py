@@ -10,33 +10,23 @@ from __future__ import annotations
 import sys
 import threading
 
-import grpc
-
-from trainer.v1 import trainer_pb2 as pb
-from trainer.v1 import trainer_pb2_grpc
+from service import watch_raw
+from trainer_client.client import TrainingClient
 
 
 def main() -> int:
     address, name, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    channel = grpc.insecure_channel(address)
-    stub = trainer_pb2_grpc.TrainerServiceStub(channel)
-    counts = [0] * count
-    print("ready", flush=True)
-
-    def watch(i: int) -> None:
-        for response in stub.WatchJob(pb.WatchJobRequest(name=name)):
-            if response.WhichOneof("kind") == "batch":
-                counts[i] += sum(
-                    1 for e in response.batch.events if e.WhichOneof("payload") == "step"
-                )
-
-    threads = [threading.Thread(target=watch, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    print(" ".join(map(str, counts)), flush=True)
-    channel.close()
+    steps: list[list[int]] = [[] for _ in range(count)]
+    with TrainingClient(address) as client:
+        print("ready", flush=True)
+        threads = [
+            threading.Thread(target=watch_raw, args=(client, name, steps[i])) for i in range(count)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    print(" ".join(str(len(s)) for s in steps), flush=True)
     return 0
 
 

@@ -125,11 +125,23 @@ class DecodeGuard(grpc.ServerInterceptor):
     """Bytes that are no valid request: INVALID_ARGUMENT, where grpcio would answer INTERNAL
     from its own decoding before any code of ours runs."""
 
+    def __init__(self):
+        self.guarded: dict[str, grpc.RpcMethodHandler] = {}
+
     def intercept_service(self, continuation, details):
-        handler = continuation(details)
+        # The servicer's handlers never change: each method is wrapped once, not per call
+        # (unknown methods are not kept, so made-up names cannot grow the table).
+        guarded = self.guarded.get(details.method)
+        if guarded is None:
+            guarded = self._guard(continuation(details), details.method)
+            if guarded is not None:
+                self.guarded[details.method] = guarded
+        return guarded
+
+    def _guard(self, handler, method: str):
         if handler is None or handler.request_deserializer is None:
             return handler
-        decode, method = handler.request_deserializer, details.method
+        decode = handler.request_deserializer
         message = f"the request is not a valid {method.rsplit('/', 1)[-1]} request message"
 
         def guarded(data: bytes):

@@ -18,14 +18,12 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -44,49 +42,22 @@ from trainer.v1 import trainer_pb2_grpc
 from trainer_client.client import TrainingClient
 
 Code = grpc.StatusCode
-READY = re.compile(r"grpc (\S+):(\d+) metrics (\S+):(\d+) workers (\d+)")
 MISSING = "jobs/job-" + "0" * 20  # well formed, never created
 
 
 # ---------------------------------------------------------------- servers
 
 
-class Served(ServiceProcess):
-    """`trainer serve` with extra command-line flags, keeping the line it printed when ready."""
-
-    def __init__(self, data_dir: Path, *flags: str, workers: int = 0, **settings: object):
-        self.data_dir = data_dir
-        env = dict(os.environ)
-        env.update({f"TRAINER_{k.upper()}": str(v) for k, v in settings.items()})
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
-        self.log = self.log_path.open("ab")
-        command = [sys.executable, "-m", "trainer_client.cli", "serve", "--port", "0"]
-        command += ["--metrics-port", "0", "--workers", str(workers), "--data-dir", str(data_dir)]
-        self.proc = subprocess.Popen(
-            [*command, *flags], stdout=subprocess.PIPE, stderr=self.log, env=env, text=True
-        )
-        self.ready = self.proc.stdout.readline().strip()
-        match = READY.search(self.ready)
-        if not match:
-            self.stop()
-            raise RuntimeError(f"server did not start: {self.ready!r}\n{self.log_path.read_text()}")
-        self.host, port, self.metrics_host, metrics_port, _ = match.groups()
-        self.port, self.metrics_port = int(port), int(metrics_port)
-        # 0.0.0.0 listens on every address, loopback included.
-        self.address = f"127.0.0.1:{self.port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-
-
 @contextlib.contextmanager
 def serving(
     request, tmp_path_factory, engine: str = "sqlite", *flags: str, **settings: object
-) -> Iterator[Served]:
+) -> Iterator[ServiceProcess]:
     """A server on a fresh database of `engine`, stopped (and its database dropped) after."""
     folder = tmp_path_factory.mktemp(f"trust-{engine}")
     pg = request.getfixturevalue("postgres") if engine == "postgresql" else None
     url = pg.create() if pg else f"sqlite:///{folder / 'trainer.db'}"
-    svc = Served(folder / "data", *flags, store=url, **settings)
+    settings.setdefault("workers", 0)
+    svc = ServiceProcess(folder / "data", *flags, store=url, **settings)
     svc.engine = engine
     try:
         yield svc
@@ -145,7 +116,7 @@ def bearer(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
-def stub_of(svc: Served) -> tuple[grpc.Channel, trainer_pb2_grpc.TrainerServiceStub]:
+def stub_of(svc: ServiceProcess) -> tuple[grpc.Channel, trainer_pb2_grpc.TrainerServiceStub]:
     channel = grpc.insecure_channel(svc.address)
     return channel, trainer_pb2_grpc.TrainerServiceStub(channel)
 
@@ -155,7 +126,7 @@ def raw(request):
     """raw(svc) -> a plain stub on svc (client-side validation bypassed); closed after."""
     channels: list[grpc.Channel] = []
 
-    def make(svc: Served) -> trainer_pb2_grpc.TrainerServiceStub:
+    def make(svc: ServiceProcess) -> trainer_pb2_grpc.TrainerServiceStub:
         channel, stub = stub_of(svc)
         channels.append(channel)
         return stub
@@ -221,7 +192,7 @@ def job_reads(stub, name: str, md) -> dict[str, Callable[[], Any]]:
     return {k: calls[k] for k in keys}
 
 
-def assert_healthy(svc: Served) -> None:
+def assert_healthy(svc: ServiceProcess) -> None:
     assert svc.proc.poll() is None, f"the server exited:\n{svc.log_path.read_text()[-3000:]}"
     with grpc.insecure_channel(svc.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)

@@ -19,15 +19,31 @@ import pytest
 
 from tests.conftest import ENGINES
 
-READY = re.compile(r"grpc (\S+):(\d+) metrics \S+:(\d+) workers (\d+)")
+READY = re.compile(r"grpc (\S+):(\d+) metrics (\S+):(\d+) workers (\d+)")
+
+
+def service_env(**settings: object) -> dict[str, str]:
+    """This environment plus each setting as its TRAINER_<NAME> variable."""
+    env = dict(os.environ)
+    env.update({f"TRAINER_{k.upper()}": str(v) for k, v in settings.items()})
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
 
 
 class ServiceProcess:
-    def __init__(self, data_dir: Path, workers: int = 1, port: int = 0, **settings: object):
+    """`trainer serve` on free ports; `flags` go on its command line, `settings` into its
+    environment. `ready` is the line it printed once listening."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *flags: str,
+        workers: int = 1,
+        port: int = 0,
+        **settings: object,
+    ):
         self.data_dir = data_dir
-        env = dict(os.environ)
-        env.update({f"TRAINER_{k.upper()}": str(v) for k, v in settings.items()})
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env = service_env(**settings)
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -44,21 +60,24 @@ class ServiceProcess:
                 str(workers),
                 "--data-dir",
                 str(data_dir),
+                *flags,
             ],
             stdout=subprocess.PIPE,
             stderr=self.log,
             env=env,
             text=True,
         )
-        line = self.proc.stdout.readline()
-        match = READY.search(line)
+        self.ready = self.proc.stdout.readline().strip()
+        match = READY.search(self.ready)
         if not match:
             self.stop()
-            raise RuntimeError(f"server did not start: {line!r}\n{self.log_path.read_text()}")
-        host, bound, metrics_port, _ = match.groups()
-        self.port = int(bound)
-        self.address = f"{host}:{bound}"
-        self.metrics_url = f"http://{host}:{metrics_port}/metrics"
+            raise RuntimeError(f"server did not start: {self.ready!r}\n{self.log_path.read_text()}")
+        self.host, port, self.metrics_host, metrics_port, _ = match.groups()
+        self.port, self.metrics_port = int(port), int(metrics_port)
+        # 0.0.0.0 listens on every address, loopback included.
+        reach = "127.0.0.1" if self.host == "0.0.0.0" else self.host
+        self.address = f"{reach}:{self.port}"
+        self.metrics_url = f"http://{reach}:{self.metrics_port}/metrics"
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
@@ -101,8 +120,7 @@ class WorkerHost:
         metrics: bool = False,
         **settings: object,
     ):
-        env = dict(os.environ)
-        env.update({f"TRAINER_{k.upper()}": str(v) for k, v in settings.items()})
+        env = service_env(**settings)
         self.data_dir = tmp / name
         self.log_path = tmp / f"{name}-worker.log"
         self.log = self.log_path.open("ab")
