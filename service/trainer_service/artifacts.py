@@ -33,8 +33,8 @@ from trainer_service.errors import TrainerError
 
 log = logging.getLogger(__name__)
 
-# As many checkpoints as the trainer keeps on disk: the newest, and one to fall back on should
-# the newest be unreadable.
+# Checkpoints kept, here and in the trainer's workdir: the newest, and one to fall back on
+# should the newest be unreadable.
 KEEP_CHECKPOINTS = 2
 
 # Protocols whose single PUT publishes an object whole, so no temporary key is needed (and a

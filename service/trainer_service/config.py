@@ -75,9 +75,5 @@ class Settings(BaseSettings):
     def artifacts_url(self) -> str:
         return self.artifacts or str(self.data_dir.resolve())
 
-    @property
-    def uses_notify(self) -> bool:
-        return self.store_url.startswith(("postgresql", "postgres"))
-
     def job_dir(self, job_id: str) -> Path:
         return self.data_dir / "jobs" / job_id

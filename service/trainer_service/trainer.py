@@ -27,6 +27,7 @@ from trainer_client.events import (
 )
 from trainer_client.spec import JobSpec
 from trainer_service import datasets, models
+from trainer_service.artifacts import KEEP_CHECKPOINTS
 from trainer_service.datasets import Data, DataPaths
 from trainer_service.errors import TrainerError
 from trainer_service.registry import LOSSES, METRICS, OPTIMIZERS, Labels, learning_rate
@@ -39,7 +40,6 @@ ShouldStop = Callable[[], bool]
 
 MAX_WINDOW = 100
 WINDOW_SECONDS = 0.1  # also bounds how stale a streamed step can be
-KEEP_CHECKPOINTS = 2
 # Metrics where larger is better; everything else (loss, errors) is minimised.
 _MAXIMISED = ("accuracy", "auc", "precision", "recall", "r2_score", "cosine_similarity")
 
