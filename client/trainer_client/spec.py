@@ -485,6 +485,11 @@ class RuntimeSpec(_Spec):
         description="Steps run on the device per call; 'auto' sizes it to about 0.1 s of "
         "training, which is also how often per-step values are fetched and stops are checked.",
     )
+    jit_compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="Compile the training step with XLA. 'auto' does so whenever every layer "
+        "supports it, on the CPU as well (where Keras's own 'auto' does not).",
+    )
 
     @field_validator("device", "precision", mode="before")
     @classmethod

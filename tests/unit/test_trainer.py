@@ -245,10 +245,13 @@ def test_max_duration_fails_with_a_timeout(tmp_path):
     assert 0 < result.steps < 100000
 
 
-def test_same_seed_same_run(tmp_path):
+@pytest.mark.parametrize(
+    "model", ["cnn", {"architecture": "mlp", "dropout": 0.3}], ids=["cnn", "mlp-xla-dropout"]
+)
+def test_same_seed_same_run(model, tmp_path):
     spec = {
         "dataset": {**IMAGES, "validation_split": 0.2},
-        "model": "cnn",
+        "model": model,
         "training": {"steps": 12, "batch_size": 8, "seed": 5},
     }
     _, first = run(spec, tmp_path, workdir=tmp_path / "a")
@@ -349,3 +352,45 @@ def test_mixed_bfloat16_trains_and_restores_the_policy(tmp_path):
     )
     assert_trained(result, events)
     assert keras.config.dtype_policy().name == before
+
+
+def built(events) -> str:
+    return next(e.message for e in events if e.kind == "log" and e.message.startswith("built"))
+
+
+@pytest.mark.parametrize(
+    ("data", "model", "jit", "xla"),
+    [
+        (CLASSES, "mlp", "auto", True),  # dense layers: XLA trains them faster on the CPU
+        (CLASSES, "linear", "auto", True),
+        (IMAGES, "cnn", "auto", False),  # XLA's CPU convolutions are slower than TensorFlow's
+        (SEQUENCES, "rnn", "auto", False),
+        (CLASSES, "mlp", False, False),
+        (IMAGES, "cnn", True, True),
+    ],
+)
+def test_xla_is_used_where_it_is_faster_on_the_cpu(data, model, jit, xla, tmp_path):
+    assert not gpu_available()
+    spec = {**QUICK, "dataset": data, "model": model}
+    spec["runtime"] = {**QUICK["runtime"], "jit_compile": jit}
+    result, events = run(spec, tmp_path)
+    assert_trained(result, events)
+    assert ("compiled with XLA" in built(events)) is xla
+
+
+def test_xla_trains_the_same_run_as_tensorflows_kernels(tmp_path):
+    """The same seed with and without XLA: the same steps, up to float rounding."""
+    spec = {
+        "dataset": CLASSES,
+        "model": {"architecture": "mlp", "hidden_units": [16]},
+        "optimizer": {"name": "sgd", "learning_rate": 0.05},
+        "training": {"steps": 30, "batch_size": 16, "seed": 3},
+        "runtime": {"steps_per_execution": 5},
+    }
+    runs = {}
+    for jit in (True, False):
+        spec["runtime"]["jit_compile"] = jit
+        _, events = run(spec, tmp_path, workdir=tmp_path / str(jit))
+        runs[jit] = steps_of(events)
+    assert [e.loss for e in runs[True]] == pytest.approx([e.loss for e in runs[False]], rel=1e-4)
+    assert [e.accuracy for e in runs[True]] == [e.accuracy for e in runs[False]]
