@@ -5,11 +5,14 @@ on Fashion-MNIST, run in alternating rounds in one process:
 
   bare-numpy-spe{K}   model.fit(x, y) on numpy arrays, steps_per_execution=K (what a person writes)
   bare-tfdata-spe{K}  model.fit on a repeated tf.data pipeline, steps_per_execution=K
+  ...-xla             the same with jit_compile=True (Keras leaves XLA off on a CPU-only machine)
   naive-callback      bare fit with a per-step callback reading loss and accuracy (the naive way)
-  train()             the service's engine, every step emitted as an event
+  train()             the service's engine, every step emitted as an event (XLA: its own choice)
+  train()-no-xla      the same with runtime.jit_compile: false
 
 Throughput is steps per second over the whole fit, tracing included, for every contender. The
-ratio compares train()'s best round with the best round of the best bare configuration.
+ratios compare train()'s best round with the best round of the best bare configuration, once
+among Keras's defaults (no XLA on the CPU) and once among the XLA ones.
 
     python bench/overhead.py [--rounds 5] [--steps 5001]
 """
@@ -43,19 +46,20 @@ def seed_model() -> keras.Model:
     return keras.Model(inputs, keras.layers.Dense(10)(hidden))
 
 
-def compiled(spe: int) -> keras.Model:
+def compiled(spe: int, jit: bool = False) -> keras.Model:
     model = seed_model()
     model.compile(
         optimizer=keras.optimizers.Adam(0.004),
         loss=keras.losses.CategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         steps_per_execution=spe,
+        jit_compile=jit,
     )
     return model
 
 
-def bare_numpy(x, y, steps, spe):
-    model = compiled(spe)
+def bare_numpy(x, y, steps, spe, jit=False):
+    model = compiled(spe, jit)
     epochs = -(-steps * 100 // len(x))  # whole epochs covering `steps`
     done = epochs * -(-len(x) // 100)
     t0 = time.perf_counter()
@@ -63,8 +67,8 @@ def bare_numpy(x, y, steps, spe):
     return done / (time.perf_counter() - t0)
 
 
-def bare_tfdata(x, y, steps, spe):
-    model = compiled(spe)
+def bare_tfdata(x, y, steps, spe, jit=False):
+    model = compiled(spe, jit)
     t0 = time.perf_counter()  # building the pipeline is part of a hand-written script's cost
     ds = (
         tf.data.Dataset.from_tensor_slices((x, y))
@@ -131,25 +135,38 @@ def main() -> int:
 
     bare = {f"bare-numpy-spe{k}": (bare_numpy, k) for k in (1, 50, 100)}
     bare |= {f"bare-tfdata-spe{k}": (bare_tfdata, k) for k in (1, 50, 100)}
-    results: dict[str, list[float]] = {name: [] for name in [*bare, "naive-callback", "train()"]}
+    xla = {"bare-numpy-spe50-xla": (bare_numpy, 50), "bare-tfdata-spe100-xla": (bare_tfdata, 100)}
+    plain = spec.model_copy(deep=True)
+    plain.runtime.jit_compile = False
+    contenders = [*bare, *xla, "naive-callback", "train()", "train()-no-xla"]
+    results: dict[str, list[float]] = {name: [] for name in contenders}
     accuracy = []
     for r in range(args.rounds):
         for name, (fn, spe) in bare.items():
             results[name].append(fn(x, y, args.steps, spe))
+        for name, (fn, spe) in xla.items():
+            results[name].append(fn(x, y, args.steps, spe, jit=True))
         results["naive-callback"].append(naive_callback(x, y, args.steps, 1))
         sps, _, acc = service_train(spec, args.steps)
         results["train()"].append(sps)
         accuracy.append(acc)
+        results["train()-no-xla"].append(service_train(plain, args.steps)[0])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items()))
 
-    print(f"\n{'contender':<20}{'best steps/s':>14}{'median':>10}")
+    print(f"\n{'contender':<24}{'best steps/s':>14}{'median':>10}")
     for name, values in results.items():
-        print(f"{name:<20}{max(values):>14.0f}{statistics.median(values):>10.0f}")
+        print(f"{name:<24}{max(values):>14.0f}{statistics.median(values):>10.0f}")
     best_bare_name = max(bare, key=lambda n: max(results[n]))
     best_bare = max(results[best_bare_name])
+    best_xla_name = max(xla, key=lambda n: max(results[n]))
+    best_xla = max(results[best_xla_name])
     ratio = max(results["train()"]) / best_bare
+    same = max(results["train()"]) / best_xla
+    plain_ratio = max(results["train()-no-xla"]) / best_bare
     naive = max(results["naive-callback"]) / best_bare
     print(f"\ntrain() with every step streamed / best bare Keras ({best_bare_name}): {ratio:.3f}")
+    print(f"train() / best bare Keras with XLA ({best_xla_name}): {same:.3f}")
+    print(f"train() without XLA / best bare Keras ({best_bare_name}): {plain_ratio:.3f}")
     print(f"naive per-step callback / best bare Keras: {naive:.3f}")
     print(f"train() test accuracy per round: {', '.join(f'{a:.4f}' for a in accuracy)}")
     print(f"target >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'}")

@@ -1,9 +1,12 @@
 """The service against bare Keras, and its latencies, measured in one run on loopback.
 
 throughput   the seed MLP job (5001 steps) through the service with one watcher attached,
-             against bare Keras's best (tf.data, steps_per_execution=100) in the same process
-             as this script, alternating rounds. Service throughput is taken over the span the
-             engine trains (model built -> last step), as bench/overhead.py does for train().
+             against bare Keras's best (tf.data with steps_per_execution=100 or numpy with 50)
+             in a child process, alternating rounds: once with Keras's defaults (no XLA on
+             a CPU-only machine), once with jit_compile=True, and the service once more with
+             runtime.jit_compile: false. Service throughput is taken over the span the engine
+             trains (model built -> last step), as bench/overhead.py does for train(). Ratios
+             are given best against best and as the median of each round's own ratio.
 50 watchers  the same job with 50 watchers streaming every step, against one watcher.
 submit->RUNNING  tiny jobs submitted one at a time to an idle warm worker: the client's send
              time to the RUNNING event's time (one machine, one clock).
@@ -37,9 +40,10 @@ SEED = Path(__file__).parents[1] / "examples" / "mnist_mlp.yaml"
 TINY = {"model": "linear", "dataset": "linear", "training": {"steps": 1, "batch_size": 10}}
 
 
-def bare_round() -> float:
-    """Bare Keras's best of two configurations, in a child process: this process stays a
-    plain client, without TensorFlow's thread pools beside the watchers."""
+def bare_round() -> tuple[float, float]:
+    """Bare Keras's best of two configurations, without and with XLA, in a child process:
+    this process stays a plain client, without TensorFlow's thread pools beside the
+    watchers."""
     code = (
         "import os; os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2');"
         "from overhead import bare_numpy, bare_tfdata;"
@@ -47,8 +51,9 @@ def bare_round() -> float:
         "from trainer_service import datasets;"
         f"s = load_spec({str(SEED)!r});"
         "d = datasets.load(s, datasets.DataPaths(download=False));"
-        "print(max(bare_tfdata(d.x_train, d.y_train, 5001, 100),"
-        " bare_numpy(d.x_train, d.y_train, 5001, 50)))"
+        "x, y = d.x_train, d.y_train;"
+        "print(max(bare_tfdata(x, y, 5001, 100), bare_numpy(x, y, 5001, 50)),"
+        " max(bare_tfdata(x, y, 5001, 100, jit=True), bare_numpy(x, y, 5001, 50, jit=True)))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -57,7 +62,8 @@ def bare_round() -> float:
         cwd=Path(__file__).parent,
         check=True,
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    plain, xla = out.stdout.strip().splitlines()[-1].split()
+    return float(plain), float(xla)
 
 
 def start_server(
@@ -189,28 +195,42 @@ def main() -> int:
 
     spec = load_spec(SEED).model_copy(deep=True)
     spec.training.eval_every = None
+    plain = spec.model_copy(deep=True)
+    plain.runtime.jit_compile = False
+    rows: dict[str, list[float]] = {
+        "bare Keras": [],
+        "bare Keras, XLA": [],
+        "service, 1 watcher": [],
+        "service, no XLA": [],
+        "50 typed watchers": [],
+        "50 raw watchers": [],
+        "50 niced raw watchers": [],
+    }
+    step_lat, step_lat50 = [], []
     with tempfile.TemporaryDirectory() as tmp:
         proc, address = start_server(Path(tmp) / "data")
         try:
             with TrainingClient(address) as client:
                 client.submit(TINY).wait(timeout=120)  # the worker is warm from here on
-                bare, one, fifty, fifty_raw, step_lat, step_lat50 = [], [], [], [], [], []
-                fifty_away = []
                 for r in range(args.rounds):
-                    bare.append(bare_round())
+                    bare, bare_xla = bare_round()
+                    rows["bare Keras"].append(bare)
+                    rows["bare Keras, XLA"].append(bare_xla)
                     sps, lat = service_run(client, spec, 1)
-                    one.append(sps)
+                    rows["service, 1 watcher"].append(sps)
                     step_lat.extend(lat)
+                    rows["service, no XLA"].append(service_run(client, plain, 1)[0])
                     sps50, lat50 = service_run(client, spec, 50)
-                    fifty.append(sps50)
+                    rows["50 typed watchers"].append(sps50)
                     step_lat50.extend(lat50)
-                    fifty_raw.append(service_run(client, spec, 50, raw=True)[0])
-                    fifty_away.append(service_run(client, spec, 50, elsewhere=address)[0])
+                    rows["50 raw watchers"].append(service_run(client, spec, 50, raw=True)[0])
+                    rows["50 niced raw watchers"].append(
+                        service_run(client, spec, 50, elsewhere=address)[0]
+                    )
                     print(
-                        f"round {r + 1}: bare {bare[-1]:.0f}, service+1 watcher {one[-1]:.0f}, "
-                        f"+50 typed watchers {fifty[-1]:.0f}, +50 raw watchers "
-                        f"{fifty_raw[-1]:.0f}, +50 raw watchers niced {fifty_away[-1]:.0f} "
-                        "steps/s",
+                        f"round {r + 1}: "
+                        + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rows.items())
+                        + " steps/s",
                         flush=True,
                     )
                 submit = submit_latency(client, args.latency_jobs)
@@ -219,31 +239,30 @@ def main() -> int:
             proc.wait(timeout=30)
 
     print()
-    rows = (
-        ("bare Keras", bare),
-        ("service, 1 watcher", one),
-        ("50 typed watchers", fifty),
-        ("50 raw watchers", fifty_raw),
-        ("50 niced raw watchers", fifty_away),
-    )
-    for label, values in rows:
+    for label, values in rows.items():
         best, median = max(values), statistics.median(values)
-        print(f"{label + ' best':<26}{best:7.0f} steps/s (median {median:.0f})")
-    ratio = max(one) / max(bare)
-    spread, spread_raw = max(fifty) / max(one), max(fifty_raw) / max(one)
+        print(f"{label + ' best':<28}{best:7.0f} steps/s (median {median:.0f})")
+
+    def ratio(a: str, b: str) -> str:
+        """Best against best, and the median of the rounds' own ratios (a round's contenders
+        ran back to back, so they shared whatever else loaded the machine)."""
+        paired = statistics.median(x / y for x, y in zip(rows[a], rows[b], strict=True))
+        return f"{max(rows[a]) / max(rows[b]):.3f}  (per-round median {paired:.3f})"
+
+    one = "service, 1 watcher"
+    comparisons = (
+        ("service with a watcher / bare Keras", one, "bare Keras", "target >= 0.93"),
+        ("service with a watcher / bare Keras + XLA", one, "bare Keras, XLA", ""),
+        ("service without XLA / bare Keras", "service, no XLA", "bare Keras", ""),
+        ("50 raw watchers / 1 watcher", "50 raw watchers", one, "target within 3%"),
+        ("50 niced raw watchers / 1 watcher", "50 niced raw watchers", one, "as on other machines"),
+        ("50 typed-client watchers / 1 watcher", "50 typed watchers", one, ""),
+    )
+    print()
+    for label, a, b, note in comparisons:
+        print(f"{label + ':':<43}{ratio(a, b)}  {note}")
     p50, p99 = percentile(submit, 0.5) * 1000, percentile(submit, 0.99) * 1000
     s50, s99 = percentile(step_lat, 0.5) * 1000, percentile(step_lat, 0.99) * 1000
-    print(f"\nservice with a watcher / bare Keras:   {ratio:.3f}  (target >= 0.93)")
-    away, away_median = (
-        max(fifty_away) / max(one),
-        statistics.median(fifty_away) / statistics.median(one),
-    )
-    print(f"50 raw watchers / 1 watcher:           {spread_raw:.3f}  (target within 3%)")
-    print(
-        f"50 niced raw watchers / 1 watcher:     {away:.3f}  (medians {away_median:.3f}; "
-        "watchers' own CPU yields, as on other machines)"
-    )
-    print(f"50 typed-client watchers / 1 watcher:  {spread:.3f}  (their parsing shares the cores)")
     print(
         f"submit->RUNNING ms over {len(submit)} jobs: p50 {p50:.1f}  p99 {p99:.1f}  "
         "(target p50 < 100)"

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -310,6 +311,12 @@ PACE_PER_WATCHER = 0.01  # seconds between one watcher's messages, per watcher o
 MAX_PACE = 0.5
 
 
+def until_tick(now: float, pace: float) -> float:
+    """Seconds from `now` to the next multiple of `pace`; never negative, whatever the
+    rounding of the division."""
+    return max(math.ceil(now / pace) * pace - now, 0.0)
+
+
 def parse_filter(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {"states": [], "labels": {}, "name": None}
     for term in text.replace(" AND ", " ").split():
@@ -508,7 +515,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         try:
             job = self.store.get_job(job_id)
             yield pb.WatchJobResponse(snapshot=job_to_proto(job))
-            cursor, from_store, sent = max(after_seq, 0), True, 0.0
+            cursor, from_store = max(after_seq, 0), True
             while context.is_active():
                 if from_store:
                     rows = self.store.read_events(job_id, cursor, 1000)
@@ -516,8 +523,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 else:
                     # Many watchers of one job: each gets fewer, larger messages, so the fan-out
                     # costs the machine little; a lone watcher still gets every window at once.
+                    # They all wake on the same ticks, so they send the same runs of events and
+                    # each message is built once (ProtoCache).
                     pace = min(PACE_PER_WATCHER * self.tail.watchers(job_id), MAX_PACE)
-                    time.sleep(max(sent + pace - time.monotonic(), 0.0))
+                    time.sleep(until_tick(time.monotonic(), pace))
                     rows, from_store = sub.take(timeout=1.0)
                 batch, done = [], False
                 for row in rows:
@@ -533,7 +542,6 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                         break
                 if batch:
                     yield self.protos.response(batch)
-                    sent = time.monotonic()
                 if done:
                     return
         finally:

@@ -95,3 +95,17 @@ def test_event_conversion():
     )
     assert state.state_change.state == pb.FAILED and state.state_change.error.step == 3
     assert api.is_terminal(EventRow(3, "job-1", 6, "state", {"state": "CANCELLED"}, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("now", "pace", "wait"),
+    [
+        (10.25, 0.5, 0.25),
+        (10.5, 0.5, 0.0),
+        # ceil(now / pace) * pace lands a hair below `now` here: time.sleep would refuse it.
+        (1317.8400000000001, 0.01, 0.0),
+    ],
+)
+def test_watchers_wake_on_shared_ticks(now, pace, wait):
+    assert api.until_tick(now, pace) == pytest.approx(wait, abs=1e-9)
+    assert api.until_tick(now, pace) >= 0.0

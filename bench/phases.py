@@ -1,0 +1,227 @@
+"""Do 49 more watchers slow training? Measured inside one long job, in alternating phases.
+
+Runs that are a minute apart on a shared 2-core machine differ by ±10% on their own, more than
+the 3% in question. Here one seed-MLP job runs for about a minute with one watcher throughout,
+and every few seconds 49 more raw-protobuf watchers attach (from the job's current seq) and
+leave again. Each phase's throughput comes from the steps' own times on the worker, so every
+phase with 50 watchers is compared with the one-watcher phases just before and after it.
+
+The extra watchers run either in this process ("here": their protobuf parsing shares the two
+cores with the training) or in a child process at nice 19 ("niced": their parsing yields to
+the training, as on watchers' own machines; the server's fan-out to them is still measured).
+
+  python bench/phases.py [--steps 60000] [--phase-seconds 4] [--watchers 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import grpc
+
+from service import SEED, TINY, start_server
+from trainer.v1 import trainer_pb2 as pb
+from trainer_client.client import TrainingClient
+from trainer_client.spec import load_spec
+
+SETTLE = 1.0  # seconds left out at the start of a phase: the streams attach and catch up
+
+
+class RawWatchers:
+    """N raw watchers of one job from a given seq; stop() cancels them and checks that each
+    received its steps in order, without repeats."""
+
+    def __init__(self, client: TrainingClient, name: str):
+        self.client, self.name = client, name
+        self.calls: list = []
+        self.threads: list[threading.Thread] = []
+        self.seqs: list[list[int]] = []
+
+    def start(self, count: int, after_seq: int) -> None:
+        for _ in range(count):
+            call = self.client._stub.WatchJob(
+                pb.WatchJobRequest(name=self.name, after_seq=after_seq)
+            )
+            seqs: list[int] = []
+            thread = threading.Thread(target=self._drain, args=(call, seqs), daemon=True)
+            self.calls.append(call)
+            self.seqs.append(seqs)
+            self.threads.append(thread)
+            thread.start()
+
+    @staticmethod
+    def _drain(call, seqs: list[int]) -> None:
+        try:
+            for response in call:
+                if response.WhichOneof("kind") == "batch":
+                    seqs.extend(e.seq for e in response.batch.events)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise
+
+    def stop(self) -> int:
+        for call in self.calls:
+            call.cancel()
+        for thread in self.threads:
+            thread.join(timeout=30)
+        received = 0
+        for seqs in self.seqs:
+            if seqs:
+                assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a gap or a repeat"
+            received += len(seqs)
+        self.calls, self.threads, self.seqs = [], [], []
+        return received
+
+
+def serve_watchers(address: str, name: str) -> int:
+    """The niced child: `start COUNT SEQ` and `stop` on stdin; answers each with a line."""
+    with TrainingClient(address) as client:
+        watchers = RawWatchers(client, name)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            command = line.split()
+            if command[0] == "start":
+                watchers.start(int(command[1]), int(command[2]))
+                print("started", flush=True)
+            elif command[0] == "stop":
+                print(watchers.stop(), flush=True)
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rate(steps: list[tuple[float, int]], start: float, end: float) -> float:
+    inside = [(t, s) for t, s in steps if start <= t < end]
+    if len(inside) < 2:
+        return float("nan")
+    (t0, s0), (t1, s1) = inside[0], inside[-1]
+    return (s1 - s0) / (t1 - t0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60_000)
+    parser.add_argument("--phase-seconds", type=float, default=4.0)
+    parser.add_argument("--watchers", type=int, default=50)
+    parser.add_argument("--serve-watchers", nargs=2, metavar=("ADDRESS", "JOB"), help="internal")
+    args = parser.parse_args()
+    if args.serve_watchers:
+        return serve_watchers(*args.serve_watchers)
+
+    spec = load_spec(SEED).model_copy(deep=True)
+    spec.training.eval_every = None
+    spec.training.steps = args.steps
+    extra = args.watchers - 1
+    steps: list[tuple[float, int]] = []  # (time on the worker, step) as the one watcher saw it
+    last_seq = [0]
+    phases: list[tuple[str, float, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, address = start_server(Path(tmp) / "data")
+        try:
+            with TrainingClient(address) as client:
+                client.submit(TINY).wait(timeout=120)  # the worker is warm from here on
+                job = client.submit(spec)
+                niced = subprocess.Popen(
+                    [sys.executable, __file__, "--serve-watchers", address, job.name],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    preexec_fn=lambda: os.nice(19),
+                )
+                assert niced.stdout.readline().strip() == "ready"
+                here = RawWatchers(client, job.name)
+                worker = int(subprocess.check_output(["pgrep", "-P", str(proc.pid)]).split()[0])
+                pids = {"server": proc.pid, "worker": worker, "watchers here": os.getpid()}
+                pids["watchers niced"] = niced.pid
+
+                def follow() -> None:
+                    for event in job.stream():
+                        last_seq[0] = event.seq
+                        if event.kind == "step":
+                            steps.append((event.time, event.step))
+
+                follower = threading.Thread(target=follow)
+                follower.start()
+                while len(steps) < 100:  # past tracing: the job trains at its steady rate
+                    time.sleep(0.05)
+                order = ["1", "50 here", "1", "50 niced"]
+                i = 0
+                while follower.is_alive() and steps[-1][1] < args.steps:
+                    kind = order[i % len(order)]
+                    i += 1
+                    if kind == "50 here":
+                        here.start(extra, last_seq[0])
+                    elif kind == "50 niced":
+                        niced.stdin.write(f"start {extra} {last_seq[0]}\n")
+                        niced.stdin.flush()
+                        assert niced.stdout.readline().strip() == "started"
+                    start = time.time()
+                    follower.join(timeout=SETTLE)
+                    before = {k: cpu_seconds(pid) for k, pid in pids.items()}
+                    follower.join(timeout=args.phase_seconds - SETTLE)
+                    end = time.time()
+                    used = {k: cpu_seconds(pid) - before[k] for k, pid in pids.items()}
+                    cores = {k: v / (end - start - SETTLE) for k, v in used.items()}
+                    if kind == "50 here":
+                        here.stop()
+                    elif kind == "50 niced":
+                        niced.stdin.write("stop\n")
+                        niced.stdin.flush()
+                        int(niced.stdout.readline())
+                    if not follower.is_alive() or steps[-1][1] == args.steps:
+                        break  # the job ended inside this phase: it is not a whole phase
+                    phases.append((kind, start, end, cores))
+                niced.stdin.close()
+                niced.wait(timeout=30)
+                info = job.wait(timeout=60)
+                assert info.state == "SUCCEEDED", info
+                assert [s for _, s in steps] == list(range(1, args.steps + 1))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    measured = [(kind, rate(steps, start + SETTLE, end)) for kind, start, end, _ in phases]
+    print(f"{len(measured)} phases of {args.phase_seconds:.0f} s (first {SETTLE:.0f} s left out):")
+    print("  " + ", ".join(f"{kind} {value:.0f}" for kind, value in measured))
+    ones = [v for k, v in measured if k == "1"]
+    print(f"\n1 watcher            median {statistics.median(ones):6.0f} steps/s")
+    for kind in ("50 here", "50 niced"):
+        values = [v for k, v in measured if k == kind]
+        # Each 50-watcher phase against the mean of the one-watcher phases around it.
+        paired = [
+            v / statistics.mean([measured[j][1] for j in (i - 1, i + 1) if j < len(measured)])
+            for i, (k, v) in enumerate(measured)
+            if k == kind and i > 0
+        ]
+        print(
+            f"{args.watchers} watchers, {kind[3:]:<6} median {statistics.median(values):6.0f} "
+            f"steps/s; against its neighbours: median {statistics.median(paired):.3f}, "
+            f"each {', '.join(f'{p:.3f}' for p in paired)}"
+        )
+    print("\nCPU in use, in cores (median over the phases of each kind):")
+    for kind in ("1", "50 here", "50 niced"):
+        loads = [cores for k, _, _, cores in phases if k == kind]
+        print(
+            f"  {kind:<9}"
+            + ", ".join(f"{name} {statistics.median(c[name] for c in loads):.2f}" for name in pids)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
