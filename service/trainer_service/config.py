@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_queued_per_tenant: int = 1000
     max_watchers_per_tenant: int = 64
     rpc_threads: int = 256  # streams are capped below it, so unary calls always find a thread
+    # The nice value of the RPC threads and the event tail (0: as the workers). On a machine
+    # shared with workers, streams then yield the CPU to training (bench/phases.py).
+    rpc_nice: int = 10
     max_steps: int = 10_000_000
     max_epochs: int = 10_000
     max_layers: int = 64

@@ -23,6 +23,7 @@ from trainer_service.artifacts import ArtifactStore
 from trainer_service.auth import Auth, TokenTable, is_loopback, server_credentials
 from trainer_service.config import WORKER_RETIRED, Settings
 from trainer_service.metrics import Metrics, WorkerHostMetrics
+from trainer_service.priority import yield_cpu
 from trainer_service.retention import policy_cutoff, prune
 from trainer_service.store import EVENTS_CHANNEL, Store
 from trainer_service.tail import EventTail
@@ -152,7 +153,12 @@ class Server:
             settings.notify_poll_seconds if self.wakeups.listening else settings.tail_poll_seconds
         )
         self.tail = EventTail(
-            self.store, self.metrics, poll, settings.metrics_linger_seconds, self.wakeups
+            self.store,
+            self.metrics,
+            poll,
+            settings.metrics_linger_seconds,
+            self.wakeups,
+            nice=settings.rpc_nice,
         )
         tokens = TokenTable.load(settings.tokens_file) if settings.tokens_file else None
         self.servicer = TrainerServicer(
@@ -161,7 +167,12 @@ class Server:
         self.health = health.HealthServicer()
         keepalive_ms = int(settings.keepalive_seconds * 1000)
         self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.rpc_threads, thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(
+                max_workers=settings.rpc_threads,
+                thread_name_prefix="rpc",
+                initializer=yield_cpu,
+                initargs=(settings.rpc_nice,),
+            ),
             interceptors=[DecodeGuard()],
             options=[
                 ("grpc.max_receive_message_length", settings.max_message_bytes),

@@ -12,10 +12,12 @@ import threading
 from collections import defaultdict, deque
 
 from trainer_service.metrics import Metrics
+from trainer_service.priority import yield_cpu
 from trainer_service.store import EVENTS_CHANNEL, TERMINAL, EventRow, JobState, Store
 from trainer_service.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
+
 
 BUFFER_LIMIT = 2000
 
@@ -59,10 +61,12 @@ class EventTail:
         poll_seconds: float,
         linger_seconds: float = 300.0,
         wakeups: Wakeups | None = None,
+        *,
+        nice: int = 0,
     ):
         self.store, self.metrics = store, metrics
         self.poll_seconds, self.linger_seconds = poll_seconds, linger_seconds
-        self.wakeups = wakeups
+        self.wakeups, self.nice = wakeups, nice
         self.cursor = store.last_event_id()
         self.subs: dict[str, set[Subscription]] = defaultdict(set)
         self.lock = threading.Lock()
@@ -94,6 +98,7 @@ class EventTail:
                 del self.subs[sub.job_id]
 
     def _run(self) -> None:
+        yield_cpu(self.nice)
         while not self.stopping.is_set():
             try:
                 moved = self.poll_once()

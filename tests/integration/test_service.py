@@ -333,3 +333,27 @@ def test_a_slow_watcher_slows_neither_training_nor_other_watchers(client):
     assert behind < len(fast) / 2, "the slow watcher was expected to lag far behind"
     # Having lagged past the server's buffer, it caught up from the store: all of it, in order.
     assert [e.seq for e in slow] == [e.seq for e in fast] == list(range(1, len(fast) + 1))
+
+
+def nice_of(pid: int, tid: int | None = None) -> int:
+    task = f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat"
+    with open(task) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_streams_yield_the_cpu_to_training_and_workers_keep_theirs(client, service):
+    """The server's RPC threads and event tail run at rpc_nice (10); its main thread and the
+    workers it starts do not, so a crowd of watchers gives way to the jobs."""
+    import os
+
+    job = client.submit(classes(100000, "niced"))
+    try:
+        stream = job.stream()
+        next(stream)  # a WatchJob handler is running on one of the RPC threads now
+        pid = service.proc.pid
+        nices = {int(tid): nice_of(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+        assert nices[pid] == 0
+        assert sum(1 for n in nices.values() if n == 10) >= 2, nices  # the tail, the stream
+        assert [nice_of(w) for w in service.worker_pids()] == [0, 0]
+    finally:
+        job.cancel()
