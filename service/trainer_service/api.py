@@ -289,6 +289,29 @@ def is_terminal(row: EventRow) -> bool:
     return row.kind == "state" and JobState(row.payload["state"]) in TERMINAL
 
 
+def next_run(rows: list[EventRow], cursor: int) -> tuple[list[EventRow], bool]:
+    """(the rows that follow `cursor` without a hole, whether a hole was found: the store
+    then fills it). The run ends at a terminal event, always a job's last. Rows arrive in seq
+    order, so a run without holes is told by its ends, not row by row: a crowd of watchers
+    each does this several times a second, with hundreds of rows."""
+    if not rows or rows[-1].seq <= cursor:
+        return [], False
+    start = cursor + 1 - rows[0].seq
+    if start >= 0 and rows[-1].seq - rows[0].seq == len(rows) - 1:
+        return rows[start:], False
+    run: list[EventRow] = []
+    for row in rows:
+        if row.seq <= cursor:
+            continue
+        if row.seq != cursor + 1:  # never expected; the store fills any hole
+            return run, True
+        run.append(row)
+        cursor = row.seq
+        if is_terminal(row):
+            break
+    return run, False
+
+
 def spec_hash(spec: JobSpec, priority: int, max_attempts: int) -> str:
     body = json.dumps([spec.to_dict(), priority, max_attempts], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()
@@ -528,22 +551,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     pace = min(PACE_PER_WATCHER * self.tail.watchers(job_id), MAX_PACE)
                     time.sleep(until_tick(time.monotonic(), pace))
                     rows, from_store = sub.take(timeout=1.0)
-                batch, done = [], False
-                for row in rows:
-                    if row.seq <= cursor:
-                        continue
-                    if row.seq != cursor + 1:  # never expected; the store fills any hole
-                        from_store = True
-                        break
-                    batch.append(row)
-                    cursor = row.seq
-                    if is_terminal(row):
-                        done = True
-                        break
+                batch, hole = next_run(rows, cursor)
+                from_store = from_store or hole
                 if batch:
+                    cursor = batch[-1].seq
                     yield self.protos.response(batch)
-                if done:
-                    return
+                    if is_terminal(batch[-1]):
+                        return
         finally:
             self.tail.unsubscribe(sub)
 

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # A worker process is replaced after this many jobs: each job leaves a few MiB behind in
     # the framework (measured: about 3.4 MiB per job), which only a new process gives back.
     worker_max_jobs: int = 200
+    # Or once its resident memory has grown by this much since it started: XLA keeps each
+    # job's compiled program (measured: about 11 MiB per small dense job), and a big job's
+    # peak stays mapped.
+    worker_max_growth_mib: int = 2048
     max_upload_bytes: int = 512 * 1024 * 1024
     metrics_linger_seconds: float = 300.0
 

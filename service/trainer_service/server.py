@@ -75,6 +75,7 @@ class Supervisor:
             TRAINER_ARTIFACT_OPTIONS=json.dumps(s.artifact_options),
             TRAINER_NOTIFY_POLL_SECONDS=str(s.notify_poll_seconds),
             TRAINER_WORKER_MAX_JOBS=str(s.worker_max_jobs),
+            TRAINER_WORKER_MAX_GROWTH_MIB=str(s.worker_max_growth_mib),
             TRAINER_LEASE_SECONDS=str(s.lease_seconds),
             TRAINER_HEARTBEAT_SECONDS=str(s.heartbeat_seconds),
             TRAINER_POLL_SECONDS=str(s.poll_seconds),

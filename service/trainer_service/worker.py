@@ -168,6 +168,15 @@ class _JobRun:
                 self.changed.wait(0.5)
 
 
+def resident_mib() -> int:
+    """This process's resident memory in MiB (Linux); 0 where /proc is not there."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+
+
 def _stored(event: Event) -> NewEvent:
     return NewEvent(event.kind, event_payload(event), event.time)
 
@@ -214,6 +223,7 @@ class Worker:
             else self.settings.poll_seconds
         )
         seen = time.monotonic()
+        baseline = resident_mib()
         while not self.stopping.is_set():
             try:
                 job = self.store.claim(self.id, self.settings.lease_seconds, gpus=self.gpus)
@@ -230,9 +240,21 @@ class Worker:
             self.run_job(job)
             seen = time.monotonic()
             self.jobs_run += 1
+            grown = resident_mib() - baseline
             if self.jobs_run >= self.settings.worker_max_jobs:
                 log.info(
                     "worker %s: %d jobs run; a fresh process takes over", self.id, self.jobs_run
+                )
+                self.retired = True
+                break
+            if grown > self.settings.worker_max_growth_mib:
+                log.info(
+                    "worker %s: memory grew by %d MiB over %d jobs (worker_max_growth_mib %d); "
+                    "a fresh process takes over",
+                    self.id,
+                    grown,
+                    self.jobs_run,
+                    self.settings.worker_max_growth_mib,
                 )
                 self.retired = True
                 break

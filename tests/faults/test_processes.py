@@ -261,10 +261,14 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-def test_a_worker_is_replaced_after_its_quota_of_jobs_and_nothing_is_lost(start_service):
+@pytest.mark.parametrize(
+    "quota", [{"worker_max_jobs": 2}, {"worker_max_growth_mib": 1}], ids=["jobs", "memory"]
+)
+def test_a_worker_is_replaced_after_its_quota_of_jobs_and_nothing_is_lost(start_service, quota):
     """Each job leaves a little memory in the framework; a worker retires after
-    worker_max_jobs and a fresh process carries on with the queue."""
-    svc = start_service(workers=1, worker_max_jobs=2)
+    worker_max_jobs, or once its memory has grown by worker_max_growth_mib (here: after its
+    first job, which alone loads tens of MiB), and a fresh process carries on with the queue."""
+    svc = start_service(workers=1, **quota)
     (first,) = svc.wait_for_workers(1)
     with TrainingClient(svc.address) as c:
         jobs = [c.submit(classes(20, f"quota-{i}")) for i in range(3)]

@@ -109,3 +109,28 @@ def test_event_conversion():
 def test_watchers_wake_on_shared_ticks(now, pace, wait):
     assert api.until_tick(now, pace) == pytest.approx(wait, abs=1e-9)
     assert api.until_tick(now, pace) >= 0.0
+
+
+def rows(*seqs: int, terminal_at: int | None = None) -> list[EventRow]:
+    return [
+        EventRow(100 + s, "job-1", s, "state", {"state": "SUCCEEDED"}, 1.0)
+        if s == terminal_at
+        else EventRow(100 + s, "job-1", s, "step", {"step": s}, 1.0)
+        for s in seqs
+    ]
+
+
+@pytest.mark.parametrize(
+    ("given", "cursor", "run", "hole"),
+    [
+        (rows(1, 2, 3, 4), 2, [3, 4], False),  # already seen ones are dropped
+        (rows(1, 2, 3), 3, [], False),
+        (rows(), 0, [], False),
+        (rows(5, 6), 2, [], True),  # 3 and 4 are missing: read them from the store
+        (rows(3, 4, 6, 7), 2, [3, 4], True),
+        (rows(3, 4, 5, 7, terminal_at=5), 2, [3, 4, 5], False),
+    ],
+)
+def test_a_watcher_sends_the_run_after_its_cursor_and_never_across_a_hole(given, cursor, run, hole):
+    got, found_hole = api.next_run(given, cursor)
+    assert [r.seq for r in got] == run and found_hole is hole
