@@ -190,6 +190,8 @@ def main() -> int:
                 niced.wait(timeout=30)
                 info = job.wait(timeout=60)
                 assert info.state == "SUCCEEDED", info
+                follower.join(timeout=60)  # its stream ends with the terminal event
+                assert not follower.is_alive(), "the stream outlived its job"
                 assert [s for _, s in steps] == list(range(1, args.steps + 1))
         finally:
             proc.terminate()
