@@ -240,27 +240,25 @@ class Worker:
             self.run_job(job)
             seen = time.monotonic()
             self.jobs_run += 1
-            grown = resident_mib() - baseline
-            if self.jobs_run >= self.settings.worker_max_jobs:
-                log.info(
-                    "worker %s: %d jobs run; a fresh process takes over", self.id, self.jobs_run
-                )
-                self.retired = True
-                break
-            if grown > self.settings.worker_max_growth_mib:
-                log.info(
-                    "worker %s: memory grew by %d MiB over %d jobs (worker_max_growth_mib %d); "
-                    "a fresh process takes over",
-                    self.id,
-                    grown,
-                    self.jobs_run,
-                    self.settings.worker_max_growth_mib,
-                )
+            reason = self._retirement(resident_mib() - baseline)
+            if reason:
+                log.info("worker %s: %s; a fresh process takes over", self.id, reason)
                 self.retired = True
                 break
         with contextlib.suppress(Exception):
             self.store.worker_seen(self.id, stopped=True)
         log.info("worker %s: stopped", self.id)
+
+    def _retirement(self, grown_mib: int) -> str | None:
+        s = self.settings
+        if self.jobs_run >= s.worker_max_jobs:
+            return f"{self.jobs_run} jobs run"
+        if grown_mib > s.worker_max_growth_mib:
+            return (
+                f"memory grew by {grown_mib} MiB over {self.jobs_run} jobs "
+                f"(worker_max_growth_mib {s.worker_max_growth_mib})"
+            )
+        return None
 
     def run_job(self, job: Job) -> None:
         log.info("job %s: attempt %d on worker %s", job.id, job.attempts, self.id)
