@@ -16,6 +16,14 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+# A job whose loss leaves the floats within a few steps: it must fail as non_finite_loss.
+DIVERGING = {
+    "name": "diverges",
+    "model": "linear",
+    "dataset": {"name": "linear", "noise": 10},
+    "optimizer": {"name": "sgd", "learning_rate": 1e6},
+    "training": {"steps": 200, "batch_size": 100},
+}
 POSTGRES = os.environ.get("TRAINER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 ENGINES = ["sqlite", "postgresql"]
 

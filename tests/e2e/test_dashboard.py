@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES
+from tests.conftest import DIVERGING, EXAMPLES
 from tests.integration.conftest import ServiceProcess, WorkerHost
 from tests.integration.test_service import classes
 from trainer_client.client import TrainingClient
@@ -144,15 +144,7 @@ def test_every_dashboard_panel_has_data_and_prometheus_agrees_with_the_stream(st
         spec.name, spec.training.steps, spec.training.eval_every = "seed-mlp", 3000, 1000
         job = client.submit(spec)
         also = client.submit(classes(300, "queued-behind"))
-        failing = client.submit(
-            {
-                "name": "diverges",
-                "model": "linear",
-                "dataset": {"name": "linear", "noise": 10},
-                "optimizer": {"name": "sgd", "learning_rate": 1e6},
-                "training": {"steps": 200, "batch_size": 100},
-            }
-        )
+        failing = client.submit(DIVERGING)
         steps = [e for e in job.stream() if e.kind == "step"]
         assert failing.wait(timeout=120).state == "FAILED"
         assert job.info().state == also.wait(timeout=120).state == "SUCCEEDED"

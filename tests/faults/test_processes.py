@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from tests.conftest import ENGINES
+from tests.conftest import DIVERGING, ENGINES
 from tests.integration.test_service import classes, wait_for_step
 from trainer_client.client import TrainingClient
 
@@ -193,15 +193,7 @@ def test_a_cancel_racing_completion_ends_in_exactly_one_state(start_service):
 def test_a_diverging_job_fails_with_its_step_and_the_worker_goes_on(start_service):
     svc = start_service(workers=1)
     with TrainingClient(svc.address) as c:
-        nan = c.submit(
-            {
-                "name": "diverges",
-                "model": "linear",
-                "dataset": {"name": "linear", "noise": 10},
-                "optimizer": {"name": "sgd", "learning_rate": 1e6},
-                "training": {"steps": 200, "batch_size": 100},
-            }
-        )
+        nan = c.submit(DIVERGING)
         info = nan.wait(timeout=60)
         after = c.submit(classes(20, "after-nan")).wait(timeout=60)
         events = list(nan.stream())

@@ -18,7 +18,7 @@ from trainer.v1 import trainer_pb2_grpc
 from trainer_client.client import TrainingClient
 from trainer_client.spec import load_spec
 
-from ..conftest import EXAMPLES
+from ..conftest import DIVERGING, EXAMPLES
 
 pytestmark = pytest.mark.slow
 
@@ -176,14 +176,7 @@ def test_upload_a_dataset_and_train_on_it(client, tmp_path):
 
 
 def test_a_failing_job_is_failed_with_its_reason(client):
-    job = client.submit(
-        {
-            "model": "linear",
-            "dataset": {"name": "linear", "noise": 10},
-            "optimizer": {"name": "sgd", "learning_rate": 1e6},
-            "training": {"steps": 200, "batch_size": 100},
-        }
-    )
+    job = client.submit(DIVERGING)
     info = job.wait(timeout=60)
     assert info.state == "FAILED" and info.failure.reason == "non_finite_loss"
     assert f"step {info.failure.step}" in info.failure.message
