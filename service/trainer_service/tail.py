@@ -19,7 +19,11 @@ from trainer_service.wakeups import Wakeups
 log = logging.getLogger(__name__)
 
 
-BUFFER_LIMIT = 2000
+# Every step is an event, and a watcher of a crowd takes its buffer once a second (a tick of
+# MAX_PACE, or two when a cut holds rows back): the limit must hold that for a fast job, or
+# every crowd watcher falls back to reading the store. The rows themselves are shared by all
+# of a job's buffers; each buffer holds references.
+BUFFER_LIMIT = 20_000
 
 
 class Subscription:
@@ -42,15 +46,24 @@ class Subscription:
         with self.ready:
             self.ready.notify_all()
 
-    def take(self, timeout: float) -> tuple[list[EventRow], bool]:
-        """(buffered rows, whether the watcher must re-read from the store)."""
+    def take(self, timeout: float, upto: int | None = None) -> tuple[list[EventRow], bool]:
+        """(buffered rows, whether the watcher must re-read from the store). With `upto`, a
+        buffer that reaches past that event id gives only the rows up to it and keeps the rest
+        for next time."""
         with self.ready:
             if not self.buffer and not self.overflowed:
                 self.ready.wait(timeout)
-            rows, overflowed = list(self.buffer), self.overflowed
+            if self.overflowed:
+                self.overflowed = False
+                return [], True
+            if upto is not None and self.buffer and self.buffer[0].id <= upto < self.buffer[-1].id:
+                rows = []
+                while self.buffer[0].id <= upto:
+                    rows.append(self.buffer.popleft())
+                return rows, False
+            rows = list(self.buffer)
             self.buffer.clear()
-            self.overflowed = False
-            return rows, overflowed
+            return rows, False
 
 
 class EventTail:
@@ -69,6 +82,8 @@ class EventTail:
         self.wakeups, self.nice = wakeups, nice
         self.cursor = store.last_event_id()
         self.subs: dict[str, set[Subscription]] = defaultdict(set)
+        self.pushed: dict[str, int] = {}  # per watched job, the last event id pushed to all
+        self.cuts: dict[str, tuple[object, int]] = {}
         self.lock = threading.Lock()
         self.names: dict[str, str] = {}
         self.stopping = threading.Event()
@@ -91,11 +106,24 @@ class EventTail:
         with self.lock:
             return len(self.subs.get(job_id, ()))
 
+    def cut(self, job_id: str, tick: object) -> int:
+        """The last event id of the job that every watcher sends at `tick`: the id pushed when
+        the first of them woke for it. Watchers that end their messages at the same cut send
+        the same runs of events, so each message is built once; a watcher that has drifted
+        (a later start, or a push between two wakings) is back in step after one tick."""
+        with self.lock:
+            found = self.cuts.get(job_id)
+            if found is None or found[0] != tick:
+                found = self.cuts[job_id] = (tick, self.pushed.get(job_id, 0))
+            return found[1]
+
     def unsubscribe(self, sub: Subscription) -> None:
         with self.lock:
             self.subs[sub.job_id].discard(sub)
             if not self.subs[sub.job_id]:
                 del self.subs[sub.job_id]
+                self.pushed.pop(sub.job_id, None)
+                self.cuts.pop(sub.job_id, None)
 
     def _run(self) -> None:
         yield_cpu(self.nice)
@@ -125,6 +153,10 @@ class EventTail:
                 subs = list(self.subs.get(job_id, ()))
             for sub in subs:
                 sub.push(job_rows)
+            if subs:
+                with self.lock:
+                    if job_id in self.subs:
+                        self.pushed[job_id] = job_rows[-1].id
         return True
 
     def _observe(self, job_id: str, rows: list[EventRow]) -> None:

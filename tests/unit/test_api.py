@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import pytest
 import sqlalchemy.exc
@@ -134,3 +138,46 @@ def rows(*seqs: int, terminal_at: int | None = None) -> list[EventRow]:
 def test_a_watcher_sends_the_run_after_its_cursor_and_never_across_a_hole(given, cursor, run, hole):
     got, found_hole = api.next_run(given, cursor)
     assert [r.seq for r in got] == run and found_hole is hole
+
+
+def test_watchers_waking_together_build_a_message_once(monkeypatch):
+    built = []
+
+    def slow_event_to_proto(row):
+        built.append(row.id)
+        time.sleep(0.001)  # long enough for every thread to arrive while the first builds
+        return pb.JobEvent(seq=row.seq)
+
+    monkeypatch.setattr(api, "event_to_proto", slow_event_to_proto)
+    rows = [
+        EventRow(id=i, job_id="job-x", seq=i, kind="log", payload={}, time=0.0) for i in (1, 2, 3)
+    ]
+    cache, start = api.ProtoCache(), threading.Barrier(20)
+
+    def watcher() -> pb.WatchJobResponse:
+        start.wait()
+        return cache.response(rows)
+
+    with ThreadPoolExecutor(20) as pool:
+        sent = list(pool.map(lambda _: watcher(), range(20)))
+    assert built == [1, 2, 3]
+    assert all(message is sent[0] for message in sent)
+
+
+def test_runs_that_overlap_convert_each_event_once(monkeypatch):
+    built = []
+
+    def counting_event_to_proto(row):
+        built.append(row.id)
+        return pb.JobEvent(seq=row.seq)
+
+    monkeypatch.setattr(api, "event_to_proto", counting_event_to_proto)
+    rows = [
+        EventRow(id=i, job_id="job-x", seq=i, kind="log", payload={}, time=0.0) for i in range(1, 7)
+    ]
+    cache = api.ProtoCache()
+    late = cache.response(rows[2:])  # a watcher that caught up from the store further along
+    early = cache.response(rows)
+    assert sorted(built) == [1, 2, 3, 4, 5, 6]
+    assert [e.seq for e in early.batch.events] == [1, 2, 3, 4, 5, 6]
+    assert [e.seq for e in late.batch.events] == [3, 4, 5, 6]

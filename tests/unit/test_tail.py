@@ -86,3 +86,58 @@ def test_gauges_follow_the_events(setup):
     assert registry.get_sample_value("trainer_job_completions_total", {"state": "SUCCEEDED"}) == 1
     tail.metrics.forget_ended(0)
     assert registry.get_sample_value("trainer_job_step", labels) is None
+
+
+def step_numbers(rows) -> list[int]:
+    return [r.payload["step"] for r in rows if r.kind == "step"]
+
+
+def test_a_cut_holds_back_what_came_after_it(setup):
+    store, tail, _, job_id = setup
+    sub = tail.subscribe(job_id)
+    store.append_events(job_id, "w", steps(1, 5), {})
+    tail.poll_once()
+    cut = tail.cut(job_id, tick=1)
+    store.append_events(job_id, "w", steps(6, 5), {})
+    tail.poll_once()
+    rows, _ = sub.take(timeout=0, upto=cut)
+    assert step_numbers(rows) == [1, 2, 3, 4, 5]
+    rows, _ = sub.take(timeout=0, upto=cut)  # nothing left up to the cut: the rest comes now
+    assert step_numbers(rows) == [6, 7, 8, 9, 10]
+
+
+def test_watchers_of_one_tick_share_its_cut_and_fall_back_in_step(setup):
+    store, tail, _, job_id = setup
+    early, late = tail.subscribe(job_id), tail.subscribe(job_id)
+    store.append_events(job_id, "w", steps(1, 5), {})
+    tail.poll_once()
+    early_rows, _ = early.take(timeout=0, upto=tail.cut(job_id, tick=1))
+    store.append_events(job_id, "w", steps(6, 5), {})  # a push between the two wakings
+    tail.poll_once()
+    late_rows, _ = late.take(timeout=0, upto=tail.cut(job_id, tick=1))
+    assert [r.id for r in late_rows] == [r.id for r in early_rows]
+    store.append_events(job_id, "w", steps(11, 5), {})
+    tail.poll_once()
+    cut = tail.cut(job_id, tick=2)
+    runs = [step_numbers(sub.take(timeout=0, upto=cut)[0]) for sub in (early, late)]
+    assert runs == [list(range(6, 16))] * 2
+
+
+def test_an_overflowed_watcher_is_told_so_whatever_its_cut(setup):
+    store, tail, _, job_id = setup
+    sub = tail.subscribe(job_id)
+    store.append_events(job_id, "w", steps(1, BUFFER_LIMIT + 1), {})
+    while tail.poll_once():
+        pass
+    assert sub.take(timeout=0, upto=tail.cut(job_id, tick=1)) == ([], True)
+    assert sub.take(timeout=0) == ([], False)
+
+
+def test_a_job_without_watchers_keeps_no_cut(setup):
+    store, tail, _, job_id = setup
+    sub = tail.subscribe(job_id)
+    store.append_events(job_id, "w", steps(1, 5), {})
+    tail.poll_once()
+    tail.cut(job_id, tick=1)
+    tail.unsubscribe(sub)
+    assert job_id not in tail.pushed and job_id not in tail.cuts
