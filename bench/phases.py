@@ -10,7 +10,10 @@ The extra watchers run either in this process ("here": their protobuf parsing sh
 cores with the training) or in a child process at nice 19 ("niced": their parsing yields to
 the training, as on watchers' own machines; the server's fan-out to them is still measured).
 
-  python bench/phases.py [--steps 60000] [--phase-seconds 4] [--watchers 50]
+Each phase's first seconds are left out: the watchers attach and catch up then, and the bench
+reports the CPU that took on its own.
+
+  python bench/phases.py [--steps 100000] [--phase-seconds 6] [--settle 2] [--watchers 50]
 """
 
 from __future__ import annotations
@@ -35,8 +38,6 @@ from trainer.v1 import trainer_pb2 as pb
 from trainer_client.client import TrainingClient
 from trainer_client.spec import load_spec
 
-SETTLE = 1.0  # seconds left out at the start of a phase: the streams attach and catch up
-
 
 class RawWatchers:
     """N raw watchers of one job from a given seq; stop() cancels them and checks that each
@@ -46,26 +47,29 @@ class RawWatchers:
         self.client, self.name = client, name
         self.calls: list = []
         self.threads: list[threading.Thread] = []
-        self.seqs: list[list[int]] = []
+        self.seqs: list[list[tuple[int, int, int]]] = []
 
     def start(self, count: int, after_seq: int) -> None:
         for _ in range(count):
             call = self.client._stub.WatchJob(
                 pb.WatchJobRequest(name=self.name, after_seq=after_seq)
             )
-            seqs: list[int] = []
-            thread = threading.Thread(target=self._drain, args=(call, seqs), daemon=True)
+            runs: list[tuple[int, int, int]] = []
+            thread = threading.Thread(target=self._drain, args=(call, runs), daemon=True)
             self.calls.append(call)
-            self.seqs.append(seqs)
+            self.seqs.append(runs)
             self.threads.append(thread)
             thread.start()
 
     @staticmethod
-    def _drain(call, seqs: list[int]) -> None:
+    def _drain(call, runs: list[tuple[int, int, int]]) -> None:
+        """Keeps each message's first and last seq and its length: a check in Python of every
+        event would cost this stand-in for a remote watcher more than the parsing itself."""
         try:
             for response in call:
                 if response.WhichOneof("kind") == "batch":
-                    seqs.extend(e.seq for e in response.batch.events)
+                    events = response.batch.events
+                    runs.append((events[0].seq, events[-1].seq, len(events)))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise
@@ -76,10 +80,11 @@ class RawWatchers:
         for thread in self.threads:
             thread.join(timeout=30)
         received = 0
-        for seqs in self.seqs:
-            if seqs:
-                assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "a gap or a repeat"
-            received += len(seqs)
+        for runs in self.seqs:
+            for i, (first, last, length) in enumerate(runs):
+                assert last - first + 1 == length, "a gap or a repeat inside a message"
+                assert i == 0 or first == runs[i - 1][1] + 1, "a gap or a repeat between messages"
+                received += length
         self.calls, self.threads, self.seqs = [], [], []
         return received
 
@@ -115,8 +120,9 @@ def rate(steps: list[tuple[float, int]], start: float, end: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60_000)
-    parser.add_argument("--phase-seconds", type=float, default=4.0)
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--phase-seconds", type=float, default=6.0)
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds left out per phase")
     parser.add_argument("--watchers", type=int, default=50)
     parser.add_argument("--serve-watchers", nargs=2, metavar=("ADDRESS", "JOB"), help="internal")
     args = parser.parse_args()
@@ -164,6 +170,7 @@ def main() -> int:
                 while follower.is_alive() and steps[-1][1] < args.steps:
                     kind = order[i % len(order)]
                     i += 1
+                    attaching = {k: cpu_seconds(pid) for k, pid in pids.items()}
                     if kind == "50 here":
                         here.start(extra, last_seq[0])
                     elif kind == "50 niced":
@@ -171,12 +178,13 @@ def main() -> int:
                         niced.stdin.flush()
                         assert niced.stdout.readline().strip() == "started"
                     start = time.time()
-                    follower.join(timeout=SETTLE)
+                    follower.join(timeout=args.settle)
                     before = {k: cpu_seconds(pid) for k, pid in pids.items()}
-                    follower.join(timeout=args.phase_seconds - SETTLE)
+                    attach = {k: before[k] - attaching[k] for k in pids}
+                    follower.join(timeout=args.phase_seconds - args.settle)
                     end = time.time()
                     used = {k: cpu_seconds(pid) - before[k] for k, pid in pids.items()}
-                    cores = {k: v / (end - start - SETTLE) for k, v in used.items()}
+                    cores = {k: v / (end - start - args.settle) for k, v in used.items()}
                     if kind == "50 here":
                         here.stop()
                     elif kind == "50 niced":
@@ -185,7 +193,7 @@ def main() -> int:
                         int(niced.stdout.readline())
                     if not follower.is_alive() or steps[-1][1] == args.steps:
                         break  # the job ended inside this phase: it is not a whole phase
-                    phases.append((kind, start, end, cores))
+                    phases.append((kind, start, end, cores, attach))
                 niced.stdin.close()
                 niced.wait(timeout=30)
                 info = job.wait(timeout=60)
@@ -197,8 +205,11 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=30)
 
-    measured = [(kind, rate(steps, start + SETTLE, end)) for kind, start, end, _ in phases]
-    print(f"{len(measured)} phases of {args.phase_seconds:.0f} s (first {SETTLE:.0f} s left out):")
+    measured = [(kind, rate(steps, start + args.settle, end)) for kind, start, end, *_ in phases]
+    print(
+        f"{len(measured)} phases of {args.phase_seconds:.0f} s "
+        f"(first {args.settle:.0f} s left out):"
+    )
     print("  " + ", ".join(f"{kind} {value:.0f}" for kind, value in measured))
     ones = [v for k, v in measured if k == "1"]
     print(f"\n1 watcher            median {statistics.median(ones):6.0f} steps/s")
@@ -217,10 +228,17 @@ def main() -> int:
         )
     print("\nCPU in use, in cores (median over the phases of each kind):")
     for kind in ("1", "50 here", "50 niced"):
-        loads = [cores for k, _, _, cores in phases if k == kind]
+        loads = [cores for k, _, _, cores, _ in phases if k == kind]
         print(
             f"  {kind:<9}"
             + ", ".join(f"{name} {statistics.median(c[name] for c in loads):.2f}" for name in pids)
+        )
+    print(f"\nCPU to attach, in CPU-seconds (the first {args.settle:.0f} s of a phase, median):")
+    for kind in ("1", "50 here", "50 niced"):
+        spent = [attach for k, _, _, _, attach in phases if k == kind]
+        print(
+            f"  {kind:<9}"
+            + ", ".join(f"{name} {statistics.median(a[name] for a in spent):.2f}" for name in pids)
         )
     return 0
 
