@@ -63,8 +63,8 @@ class RawWatchers:
 
     @staticmethod
     def _drain(call, runs: list[tuple[int, int, int]]) -> None:
-        """Keeps each message's first and last seq and its length: a check in Python of every
-        event would cost this stand-in for a remote watcher more than the parsing itself."""
+        """Keeps each message's first and last seq and its length: checking every event in
+        Python made this stand-in for a remote watcher use more CPU (0.05 cores, not 0.03)."""
         try:
             for response in call:
                 if response.WhichOneof("kind") == "batch":
