@@ -124,7 +124,8 @@ class _Undecodable:
 
 class DecodeGuard(grpc.ServerInterceptor):
     """Bytes that are no valid request: INVALID_ARGUMENT, where grpcio would answer INTERNAL
-    from its own decoding before any code of ours runs."""
+    from its own decoding before any code of ours runs. On the way out, a response that is
+    already bytes is sent as it is: a watchers' message is serialized once, not per watcher."""
 
     def __init__(self):
         self.guarded: dict[str, grpc.RpcMethodHandler] = {}
@@ -181,8 +182,18 @@ class DecodeGuard(grpc.ServerInterceptor):
         return make(
             wrap(getattr(handler, name)),
             request_deserializer=guarded,
-            response_serializer=handler.response_serializer,
+            response_serializer=_sent_as_is(handler.response_serializer),
         )
+
+
+def _sent_as_is(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    if serialize is None:
+        return None
+
+    def serialized(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
+
+    return serialized
 
 
 # ---------------------------------------------------------------- conversions
@@ -370,16 +381,17 @@ def parse_filter(text: str) -> dict[str, Any]:
 
 class ProtoCache:
     """Watchers in step receive the same runs of events: each run becomes one response
-    message, built once however many watchers send it. Runs that differ (a watcher that has
-    just caught up from the store) share the events themselves, each converted once."""
+    message, built and serialized once however many watchers send it (as bytes, which
+    DecodeGuard lets through). Runs that differ (a watcher that has just caught up from the
+    store) share the events themselves, each converted once."""
 
     def __init__(self, size: int = 2_000, events: int = 50_000):
         self.size, self.events_size = size, events
-        self.items: OrderedDict[tuple[int, int], pb.WatchJobResponse] = OrderedDict()
+        self.items: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self.events: OrderedDict[int, pb.JobEvent] = OrderedDict()
         self.lock = threading.Lock()
 
-    def response(self, rows: list[EventRow]) -> pb.WatchJobResponse:
+    def response(self, rows: list[EventRow]) -> bytes:
         key = (rows[0].id, rows[-1].id)  # ids are global and consecutive within a job's run
         # Built under the lock: a tick's watchers wake together, and outside it they would all
         # miss and build the same message at once. The GIL runs the builds one at a time anyway.
@@ -387,7 +399,8 @@ class ProtoCache:
             found = self.items.get(key)
             if found is None:
                 batch = pb.EventBatch(events=[self._event(r) for r in rows])
-                found = self.items[key] = pb.WatchJobResponse(batch=batch)
+                message = pb.WatchJobResponse(batch=batch).SerializeToString()
+                found = self.items[key] = message
                 while len(self.items) > self.size:
                     self.items.popitem(last=False)
                 while len(self.events) > self.events_size:
@@ -504,16 +517,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return job_to_proto(job)
 
     @_handled
-    def WatchJob(self, request, context) -> Iterator[pb.WatchJobResponse]:
+    def WatchJob(self, request, context) -> Iterator[pb.WatchJobResponse | bytes]:
         tenant = self.auth.tenant_of(context)
         job_id = job_id_of(request.name)
-        self.store.get_job(job_id, tenant)  # another tenant's job is not found
+        job = self.store.get_job(job_id, tenant)  # another tenant's job is not found
         release = self._take_watcher_slot(tenant)
         # The slot is free the moment the stream ends (deadline, cancel, disconnect), not when
         # this thread next wakes up to notice.
         context.add_callback(release)
         try:
-            yield from self._watch(job_id, request.after_seq, context)
+            yield from self._watch(job, request.after_seq, context)
         finally:
             release()
 
@@ -543,19 +556,24 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
         return release
 
-    def _watch(self, job_id: str, after_seq: int, context) -> Iterator[pb.WatchJobResponse]:
+    def _watch(self, job: Job, after_seq: int, context) -> Iterator[pb.WatchJobResponse | bytes]:
+        # The snapshot is the job as it was when the call came; the events after `after_seq`
+        # tell everything since, state changes included.
+        yield pb.WatchJobResponse(snapshot=job_to_proto(job))
+        job_id, cursor = job.id, max(after_seq, 0)
         # Subscribe before reading the store: whatever the read misses, the tail delivers,
-        # and seq numbers drop what both deliver.
-        sub = self.tail.subscribe(job_id)
+        # and seq numbers drop what both deliver. A seeded buffer needs no read at all.
+        sub = self.tail.subscribe(job_id, cursor)
         context.add_callback(sub.wake)  # an ended stream's thread stops waiting at once
         try:
-            job = self.store.get_job(job_id)
-            yield pb.WatchJobResponse(snapshot=job_to_proto(job))
-            cursor, from_store = max(after_seq, 0), True
+            from_store, attaching = not sub.seeded, sub.seeded
             while context.is_active():
                 if from_store:
                     rows = self.store.read_events(job_id, cursor, 1000)
                     from_store = len(rows) == 1000
+                elif attaching:  # the seed at once, as a store read would be
+                    rows, from_store = sub.take(timeout=0)
+                    attaching = False
                 else:
                     # Many watchers of one job: each gets fewer, larger messages, so the fan-out
                     # costs the machine little; a lone watcher still gets every window at once.

@@ -216,6 +216,17 @@ class Store:
             f"INSERT INTO events (job_id, seq, kind, payload, time) "
             f"VALUES ({', '.join([mark] * 5)})"
         )
+        # The event tail polls 20 times a second and every watcher that attaches reads the
+        # events: as driver SQL they skip building and caching an expression each time, which
+        # was a third of the server's steady CPU.
+        columns = ", ".join(c.name for c in EVENT_COLUMNS)
+        self._events_of_job = (
+            f"SELECT {columns} FROM events WHERE job_id = {mark} AND seq > {mark} "
+            f"ORDER BY seq LIMIT {mark}"
+        )
+        self._events_since = (
+            f"SELECT {columns} FROM events WHERE id > {mark} ORDER BY id LIMIT {mark}"
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -671,23 +682,13 @@ class Store:
 
     def read_events(self, job_id: str, after_seq: int = 0, limit: int = 1000) -> list[EventRow]:
         with self.reader.connect() as conn:
-            rows = conn.execute(
-                sa.select(*EVENT_COLUMNS)
-                .where((events.c.job_id == job_id) & (events.c.seq > after_seq))
-                .order_by(events.c.seq)
-                .limit(limit)
-            )
+            rows = conn.exec_driver_sql(self._events_of_job, (job_id, after_seq, limit))
             return [EventRow.from_row(r) for r in rows]
 
     def events_since(self, event_id: int, limit: int = 5000) -> list[EventRow]:
         """Every job's events after the global id `event_id`, oldest first (the event tail)."""
         with self.reader.connect() as conn:
-            rows = conn.execute(
-                sa.select(*EVENT_COLUMNS)
-                .where(events.c.id > event_id)
-                .order_by(events.c.id)
-                .limit(limit)
-            )
+            rows = conn.exec_driver_sql(self._events_since, (event_id, limit))
             return [EventRow.from_row(r) for r in rows]
 
     def last_event_id(self) -> int:

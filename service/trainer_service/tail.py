@@ -24,12 +24,19 @@ log = logging.getLogger(__name__)
 # every crowd watcher falls back to reading the store. The rows themselves are shared by all
 # of a job's buffers; each buffer holds references.
 BUFFER_LIMIT = 20_000
+# A watched job's latest rows, kept so that a watcher attaching near the head (a crowd
+# arriving, a client resuming after a dropped connection) starts from memory, not the store:
+# a store read decodes every row again, and was most of an attach's cost.
+RECENT_LIMIT = 5_000
 
 
 class Subscription:
-    def __init__(self, job_id: str):
+    def __init__(self, job_id: str, seed: list[EventRow] | None = None):
         self.job_id = job_id
-        self.buffer: deque[EventRow] = deque()
+        # Seeded: the buffer starts with every event after the watcher's seq, and the store
+        # need not be read.
+        self.seeded = seed is not None
+        self.buffer: deque[EventRow] = deque(seed or ())
         self.overflowed = False
         self.ready = threading.Condition()
 
@@ -83,6 +90,7 @@ class EventTail:
         self.cursor = store.last_event_id()
         self.subs: dict[str, set[Subscription]] = defaultdict(set)
         self.pushed: dict[str, int] = {}  # per watched job, the last event id pushed to all
+        self.recent: dict[str, deque[EventRow]] = {}  # per watched job, its latest rows
         self.cuts: dict[str, tuple[object, int]] = {}
         self.lock = threading.Lock()
         self.names: dict[str, str] = {}
@@ -96,9 +104,17 @@ class EventTail:
         self.stopping.set()
         self.thread.join(timeout=5)
 
-    def subscribe(self, job_id: str) -> Subscription:
-        sub = Subscription(job_id)
+    def subscribe(self, job_id: str, after_seq: int | None = None) -> Subscription:
+        """A buffer of the job's events from now on; with `after_seq`, seeded with the events
+        after it when the job's recent rows reach back that far (see `Subscription.seeded`)."""
         with self.lock:
+            recent = self.recent.get(job_id)
+            seed = None
+            if after_seq is not None and recent and recent[0].seq <= after_seq + 1:
+                seed = (
+                    [r for r in recent if r.seq > after_seq] if recent[-1].seq > after_seq else []
+                )
+            sub = Subscription(job_id, seed)
             self.subs[job_id].add(sub)
         return sub
 
@@ -124,6 +140,7 @@ class EventTail:
                 del self.subs[sub.job_id]
                 self.pushed.pop(sub.job_id, None)
                 self.cuts.pop(sub.job_id, None)
+                self.recent.pop(sub.job_id, None)
 
     def _run(self) -> None:
         yield_cpu(self.nice)
@@ -151,6 +168,11 @@ class EventTail:
             self._observe(job_id, job_rows)
             with self.lock:
                 subs = list(self.subs.get(job_id, ()))
+                if subs:
+                    # With the subscribers taken in the same lock: a watcher that subscribes
+                    # after it finds these rows in its seed, and is not pushed them again.
+                    recent = self.recent.setdefault(job_id, deque(maxlen=RECENT_LIMIT))
+                    recent.extend(job_rows)
             for sub in subs:
                 sub.push(job_rows)
             if subs:

@@ -93,6 +93,27 @@ def test_resuming_after_a_seq_has_no_gaps_or_repeats(client):
     assert steps == list(range(1, 301))
 
 
+def test_resuming_beside_another_watcher_has_no_gaps_or_repeats(client):
+    """With a watcher still attached, the server keeps the job's latest events, and a resume
+    near the head starts from them rather than from the store."""
+    import threading
+
+    job = client.submit(classes(2000, "resumed-beside"))
+    other: list = []
+    follower = threading.Thread(target=lambda: other.extend(job.stream()))
+    follower.start()
+    seen = []
+    for event in job.stream():
+        seen.append(event)
+        if event.kind == "step" and event.step == 500:
+            break
+    resumed = list(job.stream(after_seq=seen[-1].seq))
+    follower.join(timeout=120)
+    whole = [e.seq for e in seen + resumed]
+    assert whole == list(range(1, len(whole) + 1)) == [e.seq for e in other]
+    assert [e.step for e in seen + resumed if e.kind == "step"] == list(range(1, 2001))
+
+
 def test_cancel_a_queued_and_a_running_job(client):
     running = [client.submit(long_job(f"busy{i}")) for i in range(2)]
     for job in running:

@@ -154,7 +154,7 @@ def test_watchers_waking_together_build_a_message_once(monkeypatch):
     ]
     cache, start = api.ProtoCache(), threading.Barrier(20)
 
-    def watcher() -> pb.WatchJobResponse:
+    def watcher() -> bytes:
         start.wait()
         return cache.response(rows)
 
@@ -176,8 +176,8 @@ def test_runs_that_overlap_convert_each_event_once(monkeypatch):
         EventRow(id=i, job_id="job-x", seq=i, kind="log", payload={}, time=0.0) for i in range(1, 7)
     ]
     cache = api.ProtoCache()
-    late = cache.response(rows[2:])  # a watcher that caught up from the store further along
-    early = cache.response(rows)
+    late = pb.WatchJobResponse.FromString(cache.response(rows[2:]))  # caught up further along
+    early = pb.WatchJobResponse.FromString(cache.response(rows))
     assert sorted(built) == [1, 2, 3, 4, 5, 6]
     assert [e.seq for e in early.batch.events] == [1, 2, 3, 4, 5, 6]
     assert [e.seq for e in late.batch.events] == [3, 4, 5, 6]

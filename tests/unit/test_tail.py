@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from trainer_service.metrics import Metrics
 from trainer_service.store import JobState, NewEvent, Store
-from trainer_service.tail import BUFFER_LIMIT, EventTail
+from trainer_service.tail import BUFFER_LIMIT, RECENT_LIMIT, EventTail
 
 
 class CountingStore(Store):
@@ -141,3 +141,44 @@ def test_a_job_without_watchers_keeps_no_cut(setup):
     tail.cut(job_id, tick=1)
     tail.unsubscribe(sub)
     assert job_id not in tail.pushed and job_id not in tail.cuts
+
+
+def test_a_watcher_attaching_near_the_head_starts_from_memory(setup):
+    store, tail, _, job_id = setup
+    first = tail.subscribe(job_id)
+    store.append_events(job_id, "w", steps(1, 10), {})
+    tail.poll_once()
+    seq_of = {r.payload["step"]: r.seq for r in first.take(timeout=0)[0] if r.kind == "step"}
+    late = tail.subscribe(job_id, after_seq=seq_of[5])
+    assert late.seeded
+    store.append_events(job_id, "w", steps(11, 2), {})
+    tail.poll_once()
+    rows, _ = late.take(timeout=0)
+    assert [r.seq for r in rows] == list(range(seq_of[6], seq_of[10] + 3))  # no gap or repeat
+    assert step_numbers(rows) == list(range(6, 13))
+    up_to_date = tail.subscribe(job_id, after_seq=rows[-1].seq)
+    assert up_to_date.seeded and up_to_date.take(timeout=0) == ([], False)
+
+
+def test_a_watcher_from_before_the_recent_rows_reads_the_store(setup):
+    store, tail, _, job_id = setup
+    first = tail.subscribe(job_id)
+    store.append_events(job_id, "w", steps(1, RECENT_LIMIT + 10), {})
+    while tail.poll_once():
+        pass
+    oldest = tail.recent[job_id][0].seq
+    assert not tail.subscribe(job_id, after_seq=oldest - 2).seeded
+    assert tail.subscribe(job_id, after_seq=oldest - 1).seeded
+    assert not tail.subscribe(job_id).seeded  # no seq given: nothing to seed from
+    assert first.take(timeout=0)[1] is False
+
+
+def test_the_recent_rows_go_with_the_last_watcher(setup):
+    store, tail, _, job_id = setup
+    sub = tail.subscribe(job_id)
+    store.append_events(job_id, "w", steps(1, 5), {})
+    tail.poll_once()
+    assert len(tail.recent[job_id]) >= 5
+    tail.unsubscribe(sub)
+    assert job_id not in tail.recent
+    assert not tail.subscribe(job_id, after_seq=0).seeded  # a new window starts empty
