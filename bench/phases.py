@@ -1,17 +1,17 @@
 """Do 49 more watchers slow training? Measured inside one long job, in alternating phases.
 
 Runs that are a minute apart on a shared 2-core machine differ by ±10% on their own, more than
-the 3% in question. Here one seed-MLP job runs for about a minute with one watcher throughout,
-and every few seconds 49 more raw-protobuf watchers attach (from the job's current seq) and
-leave again. Each phase's throughput comes from the steps' own times on the worker, so every
-phase with 50 watchers is compared with the one-watcher phases just before and after it.
+the 3% in question. Here one seed-MLP job runs for several minutes with one watcher
+throughout, and every few seconds 49 more raw-protobuf watchers attach (from the job's current
+seq) and leave again. Each phase's throughput comes from the steps' own times on the worker, so
+every phase with 50 watchers is compared with the one-watcher phases just before and after it.
 
-Watchers run on their users' machines, and this machine has no other: the extra watchers run
-in a child process at nice 19 in the SCHED_IDLE class ("niced"), so that their own protobuf
-parsing takes only CPU the training leaves idle, while the server's fan-out to them is
-measured in full. The verdict is on these phases. With --here, other phases put the watchers
-in this process at normal priority ("here": a stress case, their parsing competing with the
-training for the two cores).
+Watchers run on their users' machines, and this machine has no other. So the extra watchers
+run in a child process at nice 19 in the SCHED_IDLE class ("niced"): they take only CPU that
+the training leaves idle, and they parse and check what they received after each phase's
+measured seconds. The server's fan-out to them is measured in full. The verdict is on these
+phases. With --here, other phases put the watchers in this process at normal priority,
+parsing as they receive ("here": a stress case, where they compete with the training).
 
 A single phase swings by up to ±10%, so the bench gives a 95% confidence interval for the
 ratio and says whether it shows the target, rules it out, or needs more phases.
@@ -50,35 +50,46 @@ from trainer_client.spec import load_spec
 
 class RawWatchers:
     """N raw watchers of one job from a given seq; stop() cancels them and checks that each
-    received its steps in order, without repeats."""
+    received its steps in order, without repeats.
 
-    def __init__(self, client: TrainingClient, name: str):
+    `deferred`: messages are kept as received and parsed at stop(), after the phase's
+    measured seconds, as if the watchers were on machines of their own."""
+
+    def __init__(self, client: TrainingClient, name: str, *, deferred: bool = False):
         self.client, self.name = client, name
+        self.watch = client._stub.WatchJob
+        if deferred:
+            self.watch = client._channel.unary_stream(
+                "/trainer.v1.TrainerService/WatchJob",
+                request_serializer=pb.WatchJobRequest.SerializeToString,
+                response_deserializer=None,  # bytes, as sent
+            )
         self.calls: list = []
         self.threads: list[threading.Thread] = []
-        self.seqs: list[list[tuple[int, int, int]]] = []
+        self.received: list[list] = []
 
     def start(self, count: int, after_seq: int) -> None:
         for _ in range(count):
-            call = self.client._stub.WatchJob(
-                pb.WatchJobRequest(name=self.name, after_seq=after_seq)
-            )
-            runs: list[tuple[int, int, int]] = []
-            thread = threading.Thread(target=self._drain, args=(call, runs), daemon=True)
+            call = self.watch(pb.WatchJobRequest(name=self.name, after_seq=after_seq))
+            messages: list = []
+            thread = threading.Thread(target=self._drain, args=(call, messages), daemon=True)
             self.calls.append(call)
-            self.seqs.append(runs)
+            self.received.append(messages)
             self.threads.append(thread)
             thread.start()
 
     @staticmethod
-    def _drain(call, runs: list[tuple[int, int, int]]) -> None:
-        """Keeps each message's first and last seq and its length: checking every event in
-        Python made this stand-in for a remote watcher use more CPU (0.05 cores, not 0.03)."""
+    def _drain(call, messages: list) -> None:
+        """Keeps each message's first and last seq and its length (or, deferred, its bytes):
+        checking every event in Python made this stand-in for a remote watcher use more CPU
+        (0.05 cores, not 0.03)."""
         try:
             for response in call:
-                if response.WhichOneof("kind") == "batch":
+                if isinstance(response, bytes):
+                    messages.append(response)
+                elif response.WhichOneof("kind") == "batch":
                     events = response.batch.events
-                    runs.append((events[0].seq, events[-1].seq, len(events)))
+                    messages.append((events[0].seq, events[-1].seq, len(events)))
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 raise
@@ -89,19 +100,30 @@ class RawWatchers:
         for thread in self.threads:
             thread.join(timeout=30)
         received = 0
-        for runs in self.seqs:
+        for messages in self.received:
+            runs = [ends(m) if isinstance(m, bytes) else m for m in messages]
+            runs = [run for run in runs if run is not None]
             for i, (first, last, length) in enumerate(runs):
                 assert last - first + 1 == length, "a gap or a repeat inside a message"
                 assert i == 0 or first == runs[i - 1][1] + 1, "a gap or a repeat between messages"
                 received += length
-        self.calls, self.threads, self.seqs = [], [], []
+        self.calls, self.threads, self.received = [], [], []
         return received
+
+
+def ends(message: bytes) -> tuple[int, int, int] | None:
+    """(first seq, last seq, events) of a batch message; None for the snapshot."""
+    response = pb.WatchJobResponse.FromString(message)
+    if response.WhichOneof("kind") != "batch":
+        return None
+    events = response.batch.events
+    return events[0].seq, events[-1].seq, len(events)
 
 
 def serve_watchers(address: str, name: str) -> int:
     """The niced child: `start COUNT SEQ` and `stop` on stdin; answers each with a line."""
     with TrainingClient(address) as client:
-        watchers = RawWatchers(client, name)
+        watchers = RawWatchers(client, name, deferred=True)
         print("ready", flush=True)
         for line in sys.stdin:
             command = line.split()
@@ -230,11 +252,11 @@ def main() -> int:
                     used = {k: cpu_seconds(pid) - before[k] for k, pid in pids.items()}
                     cores = {k: v / (end - start - args.settle) for k, v in used.items()}
                     if kind == "50 here":
-                        here.stop()
+                        assert here.stop() > 0, "the watchers here received nothing"
                     elif kind == "50 niced":
                         niced.stdin.write("stop\n")
                         niced.stdin.flush()
-                        int(niced.stdout.readline())
+                        assert int(niced.stdout.readline()) > 0, "the niced ones received nothing"
                     if not follower.is_alive() or steps[-1][1] == args.steps:
                         break  # the job ended inside this phase: it is not a whole phase
                     phases.append((kind, start, end, cores, attach))

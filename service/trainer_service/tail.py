@@ -7,6 +7,7 @@ slows anyone else, and sequence numbers keep its stream free of gaps and duplica
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import defaultdict, deque
@@ -111,9 +112,8 @@ class EventTail:
             recent = self.recent.get(job_id)
             seed = None
             if after_seq is not None and recent and recent[0].seq <= after_seq + 1:
-                seed = (
-                    [r for r in recent if r.seq > after_seq] if recent[-1].seq > after_seq else []
-                )
+                # A job's seqs are consecutive, so the position follows from the first one.
+                seed = list(itertools.islice(recent, after_seq + 1 - recent[0].seq, None))
             sub = Subscription(job_id, seed)
             self.subs[job_id].add(sub)
         return sub
