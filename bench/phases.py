@@ -136,7 +136,8 @@ def serve_watchers(address: str, name: str) -> int:
 
 
 def idle_class() -> None:
-    """Nice 19 alone still lets a watcher's wake-up preempt the training's threads."""
+    """At nice 19 a watcher waking up may still preempt the training's threads; in the
+    SCHED_IDLE class it does not."""
     os.nice(19)
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
