@@ -90,7 +90,6 @@ class EventTail:
         self.wakeups, self.nice = wakeups, nice
         self.cursor = store.last_event_id()
         self.subs: dict[str, set[Subscription]] = defaultdict(set)
-        self.pushed: dict[str, int] = {}  # per watched job, the last event id pushed to all
         self.recent: dict[str, deque[EventRow]] = {}  # per watched job, its latest rows
         self.cuts: dict[str, tuple[object, int]] = {}
         self.lock = threading.Lock()
@@ -123,14 +122,16 @@ class EventTail:
             return len(self.subs.get(job_id, ()))
 
     def cut(self, job_id: str, tick: object) -> int:
-        """The last event id of the job that every watcher sends at `tick`: the id pushed when
-        the first of them woke for it. Watchers that end their messages at the same cut send
-        the same runs of events, so each message is built once; a watcher that has drifted
-        (a later start, or a push between two wakings) is back in step after one tick."""
+        """The last event id of the job that every watcher sends at `tick`: the newest id the
+        tail had when the first of them woke for it. Watchers that end their messages at the
+        same cut send the same runs of events, so each message is built once; a watcher that
+        has drifted (a later start, or a push between two wakings) is back in step after one
+        tick."""
         with self.lock:
             found = self.cuts.get(job_id)
             if found is None or found[0] != tick:
-                found = self.cuts[job_id] = (tick, self.pushed.get(job_id, 0))
+                recent = self.recent.get(job_id)
+                found = self.cuts[job_id] = (tick, recent[-1].id if recent else 0)
             return found[1]
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -138,7 +139,6 @@ class EventTail:
             self.subs[sub.job_id].discard(sub)
             if not self.subs[sub.job_id]:
                 del self.subs[sub.job_id]
-                self.pushed.pop(sub.job_id, None)
                 self.cuts.pop(sub.job_id, None)
                 self.recent.pop(sub.job_id, None)
 
@@ -175,10 +175,6 @@ class EventTail:
                     recent.extend(job_rows)
             for sub in subs:
                 sub.push(job_rows)
-            if subs:
-                with self.lock:
-                    if job_id in self.subs:
-                        self.pushed[job_id] = job_rows[-1].id
         return True
 
     def _observe(self, job_id: str, rows: list[EventRow]) -> None:

@@ -140,7 +140,7 @@ def test_a_job_without_watchers_keeps_no_cut(setup):
     tail.poll_once()
     tail.cut(job_id, tick=1)
     tail.unsubscribe(sub)
-    assert job_id not in tail.pushed and job_id not in tail.cuts
+    assert job_id not in tail.recent and job_id not in tail.cuts
 
 
 def test_a_watcher_attaching_near_the_head_starts_from_memory(setup):
