@@ -54,7 +54,7 @@ COPY service ./service
 RUN pip install --no-cache-dir --no-deps . \
  && pip check \
  && trainer --help > /dev/null \
- && python -c "import tensorflow, trainer_service.server" \
+ && python -c "import tensorflow, stepstream_service.runtime.server" \
  && rm -rf /opt/venv/lib/python3.11/site-packages/tensorflow/include
 
 # ---------------------------------------------------------------------------------------------

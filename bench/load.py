@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import grpc
 
 from service import percentile, start_server
-from trainer.v1 import trainer_pb2 as pb
-from trainer.v1 import trainer_pb2_grpc
+from stepstream.v1 import trainer_pb2 as pb
+from stepstream.v1 import trainer_pb2_grpc
 
 TINY = {
     "name": "load",
@@ -76,8 +76,8 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # a connection per ch
 
 
 def request(spec: dict, priority: int = 0) -> pb.CreateJobRequest:
-    from trainer_client.client import _spec_struct
-    from trainer_client.spec import load_spec
+    from stepstream.client import _spec_struct
+    from stepstream.kernel.spec import load_spec
 
     return pb.CreateJobRequest(
         spec=_spec_struct(load_spec(spec)), request_id=uuid.uuid4().hex, priority=priority
@@ -288,7 +288,7 @@ class Submitter:
 
 
 def tally(store_url: str, names: list[str], long_jobs: list[str]) -> dict:
-    from trainer_service.store import Store
+    from stepstream_service.store.jobs import Store
 
     store = Store(store_url, create=False)
     try:

@@ -32,9 +32,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer_client.spec import load_spec
-from trainer_service import datasets
-from trainer_service.trainer import train
+from stepstream.kernel.spec import load_spec
+from stepstream_service.engine import datasets
+from stepstream_service.engine.trainer import train
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "examples", "mnist_mlp.yaml")
 

@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import grpc
 
 from service import SEED, TINY, start_server
-from trainer.v1 import trainer_pb2 as pb
-from trainer_client.client import TrainingClient
-from trainer_client.spec import load_spec
+from stepstream.client import TrainingClient
+from stepstream.kernel.spec import load_spec
+from stepstream.v1 import trainer_pb2 as pb
 
 
 class RawWatchers:
@@ -60,7 +60,7 @@ class RawWatchers:
         self.watch = client._stub.WatchJob
         if deferred:
             self.watch = client._channel.unary_stream(
-                "/trainer.v1.TrainerService/WatchJob",
+                "/stepstream.v1.TrainerService/WatchJob",
                 request_serializer=pb.WatchJobRequest.SerializeToString,
                 response_deserializer=None,  # bytes, as sent
             )

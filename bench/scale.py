@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from service import percentile, start_server, submit_latency, watch
-from trainer_client.client import TrainingClient
+from stepstream.client import TrainingClient
 
 ADMIN = os.environ.get("TRAINER_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 STREAMED = {
@@ -80,7 +80,7 @@ def latencies(engine: str, folder: Path, jobs: int) -> tuple[list[float], list[f
 
 
 def _claimer(url: str, name: str, start, out) -> None:
-    from trainer_service.store import JobState, Store
+    from stepstream_service.store.jobs import JobState, Store
 
     store = Store(url)
     start.wait()
@@ -93,7 +93,7 @@ def _claimer(url: str, name: str, start, out) -> None:
 
 
 def claim_rate(engine: str, folder: Path, jobs: int, workers: int = 8) -> float:
-    from trainer_service.store import JobState, Store
+    from stepstream_service.store.jobs import JobState, Store
 
     db = Database(engine, folder)
     try:

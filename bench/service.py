@@ -32,9 +32,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from trainer.v1 import trainer_pb2 as pb
-from trainer_client.client import TrainingClient
-from trainer_client.spec import load_spec
+from stepstream.client import TrainingClient
+from stepstream.kernel.spec import load_spec
+from stepstream.v1 import trainer_pb2 as pb
 
 SEED = Path(__file__).parents[1] / "examples" / "mnist_mlp.yaml"
 TINY = {"model": "linear", "dataset": "linear", "training": {"steps": 1, "batch_size": 10}}
@@ -47,8 +47,8 @@ def bare_round() -> tuple[float, float]:
     code = (
         "import os; os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2');"
         "from overhead import bare_numpy, bare_tfdata;"
-        "from trainer_client.spec import load_spec;"
-        "from trainer_service import datasets;"
+        "from stepstream.kernel.spec import load_spec;"
+        "from stepstream_service.engine import datasets;"
         f"s = load_spec({str(SEED)!r});"
         "d = datasets.load(s, datasets.DataPaths(download=False));"
         "x, y = d.x_train, d.y_train;"
@@ -81,7 +81,7 @@ def start_server(
         [
             sys.executable,
             "-m",
-            "trainer_client.cli",
+            "stepstream.cli",
             "serve",
             "--port",
             "0",

@@ -11,7 +11,7 @@ import sys
 import threading
 
 from service import watch_raw
-from trainer_client.client import TrainingClient
+from stepstream.client import TrainingClient
 
 
 def main() -> int:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from trainer_client.spec import load_spec
-from trainer_service.datasets import DataPaths
-from trainer_service.trainer import train
+from stepstream.kernel.spec import load_spec
+from stepstream_service.engine.datasets import DataPaths
+from stepstream_service.engine.trainer import train
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 

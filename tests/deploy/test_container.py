@@ -388,7 +388,7 @@ def test_dockerignore_keeps_the_build_inputs_and_drops_the_rest(stages: list[Sta
         ".venv/bin/python",
         "trainer-data/trainer.db",
         ".pytest_cache/x",
-        "client/trainer_client/__pycache__/cli.cpython-311.pyc",
+        "client/stepstream/__pycache__/cli.cpython-311.pyc",
         "tests/conftest.py",
     ):
         assert _ignored(junk, patterns), f"{junk} would be sent to the Docker daemon"

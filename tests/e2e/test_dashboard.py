@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from stepstream.client import TrainingClient
+from stepstream.kernel.spec import load_spec
 from tests.conftest import DIVERGING, EXAMPLES
 from tests.integration.conftest import ServiceProcess, WorkerHost
 from tests.integration.test_service import classes
-from trainer_client.client import TrainingClient
-from trainer_client.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "trainer.json"

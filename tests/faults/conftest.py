@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from stepstream.kernel.events import Event
 from tests.integration.conftest import start_service  # noqa: F401  shared fixture
-from trainer_client.events import Event
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
@@ -133,7 +133,7 @@ class Tokens:
 
 @pytest.fixture(scope="session")
 def tokens(tmp_path_factory) -> Tokens:
-    from trainer_service.auth import digest, new_token
+    from stepstream_service.api.auth import digest, new_token
 
     alice, bob = new_token(), new_token()
     file = tmp_path_factory.mktemp("tokens") / "tokens"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from stepstream.client import TrainingClient
+from stepstream.v1 import trainer_pb2 as pb
+from stepstream.v1 import trainer_pb2_grpc
 from tests.integration.test_service import classes
-from trainer.v1 import trainer_pb2 as pb
-from trainer.v1 import trainer_pb2_grpc
-from trainer_client.client import TrainingClient
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 
+from stepstream.client import TrainingClient
 from tests.integration.test_service import classes, wait_for_step
-from trainer_client.client import TrainingClient
 
 from .conftest import assert_intact
 

@@ -33,13 +33,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from stepstream.client import TrainingClient
+from stepstream.v1 import trainer_pb2 as pb
+from stepstream.v1 import trainer_pb2_grpc
 from tests.conftest import ENGINES
 from tests.faults.conftest import assert_intact
 from tests.integration.conftest import ServiceProcess
 from tests.integration.test_service import classes
-from trainer.v1 import trainer_pb2 as pb
-from trainer.v1 import trainer_pb2_grpc
-from trainer_client.client import TrainingClient
 
 Code = grpc.StatusCode
 MISSING = "jobs/job-" + "0" * 20  # well formed, never created
@@ -196,7 +196,7 @@ def assert_healthy(svc: ServiceProcess) -> None:
     assert svc.proc.poll() is None, f"the server exited:\n{svc.log_path.read_text()[-3000:]}"
     with grpc.insecure_channel(svc.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "trainer.v1.TrainerService"):
+        for service in ("", "stepstream.v1.TrainerService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -286,7 +286,7 @@ HEADERS = {
 @pytest.mark.parametrize("header", HEADERS.values(), ids=HEADERS.keys())
 @pytest.mark.parametrize("name", [MISSING, "jobs/../x"], ids=["well-formed", "malformed"])
 def test_every_rpc_needs_a_valid_token(guarded, tokens, raw, header, name):
-    from trainer_service.auth import digest
+    from stepstream_service.api.auth import digest
 
     stub = raw(guarded)
     md = []
@@ -871,7 +871,7 @@ def test_fuzzed_raw_bytes(limited, tokens, body):
     with grpc.insecure_channel(limited.address) as channel:
         for method in ("CreateJob", "GetJob", "ListJobs"):
             call = channel.unary_unary(
-                f"/trainer.v1.TrainerService/{method}",
+                f"/stepstream.v1.TrainerService/{method}",
                 request_serializer=None,
                 response_deserializer=None,
             )
@@ -892,7 +892,9 @@ def test_the_server_survived_the_fuzzing(limited, tokens):
         assert bob.submit(classes(20, "after-fuzz")).cancel().state == "CANCELLED"
         assert not list(bob.jobs(state="QUEUED"))
     # Nothing reached the servicer as a bug (an INTERNAL answer is logged as "RPC failed").
-    failed = re.findall(r"trainer_service\.api: (\w+ failed)", limited.log_path.read_text())
+    failed = re.findall(
+        r"stepstream_service\.api\.servicer: (\w+ failed)", limited.log_path.read_text()
+    )
     assert not failed, failed
 
 

@@ -50,7 +50,7 @@ class ServiceProcess:
             [
                 sys.executable,
                 "-m",
-                "trainer_client.cli",
+                "stepstream.cli",
                 "serve",
                 "--port",
                 str(port),
@@ -128,7 +128,7 @@ class WorkerHost:
             [
                 sys.executable,
                 "-m",
-                "trainer_client.cli",
+                "stepstream.cli",
                 "worker",
                 "--store",
                 store,
@@ -219,7 +219,7 @@ def service(request, tmp_path_factory):
 
 @pytest.fixture
 def client(service):
-    from trainer_client.client import TrainingClient
+    from stepstream.client import TrainingClient
 
     with TrainingClient(service.address) as c:
         yield c

@@ -10,8 +10,8 @@ import grpc
 import numpy as np
 import pytest
 
-from trainer_client.aio import AsyncTrainingClient
-from trainer_client.client import TrainingClient
+from stepstream.aio import AsyncTrainingClient
+from stepstream.client import TrainingClient
 
 from ..conftest import EXAMPLES
 from .test_service import classes
@@ -39,7 +39,7 @@ def test_async_client_submits_streams_and_downloads(service, tmp_path):
 
 def cli(service, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "trainer_client.cli", *args, "--address", service.address],
+        [sys.executable, "-m", "stepstream.cli", *args, "--address", service.address],
         capture_output=True,
         text=True,
         timeout=timeout,

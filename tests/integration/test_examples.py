@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from trainer_client.spec import load_spec
-from trainer_service.datasets import DataPaths
-from trainer_service.trainer import train
+from stepstream.kernel.spec import load_spec
+from stepstream_service.engine.datasets import DataPaths
+from stepstream_service.engine.trainer import train
 
 from ..conftest import EXAMPLES
 
@@ -50,7 +50,7 @@ def test_cli_trains_a_job_file_and_reports(tmp_path):
         [
             sys.executable,
             "-m",
-            "trainer_client.cli",
+            "stepstream.cli",
             "train",
             str(EXAMPLES / "linear_regression.yaml"),
             "--workdir",
@@ -69,7 +69,7 @@ def test_cli_exit_codes_for_bad_and_failing_jobs(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("loss: nope\n")
     out = subprocess.run(
-        [sys.executable, "-m", "trainer_client.cli", "validate", str(bad)],
+        [sys.executable, "-m", "stepstream.cli", "validate", str(bad)],
         capture_output=True,
         text=True,
     )
@@ -81,7 +81,7 @@ def test_cli_exit_codes_for_bad_and_failing_jobs(tmp_path):
         "training: {steps: 100, batch_size: 100}\n"
     )
     out = subprocess.run(
-        [sys.executable, "-m", "trainer_client.cli", "train", str(nan), "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "stepstream.cli", "train", str(nan), "--workdir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,

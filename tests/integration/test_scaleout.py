@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from stepstream.client import TrainingClient
 from tests.conftest import BUCKET
 from tests.integration.conftest import WorkerHost
-from trainer_client.client import TrainingClient
 
 from .test_service import classes, wait_for_step
 

@@ -13,10 +13,10 @@ import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from trainer.v1 import trainer_pb2 as pb
-from trainer.v1 import trainer_pb2_grpc
-from trainer_client.client import TrainingClient
-from trainer_client.spec import load_spec
+from stepstream.client import TrainingClient
+from stepstream.kernel.spec import load_spec
+from stepstream.v1 import trainer_pb2 as pb
+from stepstream.v1 import trainer_pb2_grpc
 
 from ..conftest import DIVERGING, EXAMPLES
 
@@ -288,7 +288,7 @@ def test_download_before_a_model_exists_is_refused(client, service):
 def test_health_reflection_and_capabilities(client, service):
     with grpc.insecure_channel(service.address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for name in ("", "trainer.v1.TrainerService"):
+        for name in ("", "stepstream.v1.TrainerService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -297,14 +297,14 @@ def test_health_reflection_and_capabilities(client, service):
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         reply = next(stub.ServerReflectionInfo(iter([request]), timeout=5))
         listed = {s.name for s in reply.list_services_response.service}
-        assert {"trainer.v1.TrainerService", "grpc.health.v1.Health"} <= listed
+        assert {"stepstream.v1.TrainerService", "grpc.health.v1.Health"} <= listed
     caps = client.capabilities()
     assert "mean_squared_error" in caps["losses"] and "lstm" in caps["layers"]
     assert caps["aliases"]["loss/mse"] == "mean_squared_error"
 
 
 def test_client_validates_before_sending(service):
-    from trainer_client.spec import SpecError
+    from stepstream.kernel.spec import SpecError
 
     with TrainingClient(service.address) as c, pytest.raises(SpecError, match=r"loss\.name"):
         c.submit({"loss": "nope"})

@@ -10,10 +10,16 @@ import grpc
 import pytest
 import sqlalchemy.exc
 
-from trainer.v1 import trainer_pb2 as pb
-from trainer_client.spec import JobSpec, SpecError
-from trainer_service import api
-from trainer_service.store import AlreadyExists, EventRow, JobFinished, JobNotFound, JobState
+from stepstream.kernel.spec import JobSpec, SpecError
+from stepstream.v1 import trainer_pb2 as pb
+from stepstream_service.api import servicer as api
+from stepstream_service.store.jobs import (
+    AlreadyExists,
+    EventRow,
+    JobFinished,
+    JobNotFound,
+    JobState,
+)
 
 
 @pytest.mark.parametrize(

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BUCKET
-from trainer_service import artifacts
-from trainer_service.artifacts import (
+from stepstream_service.store import artifacts
+from stepstream_service.store.artifacts import (
     ArtifactError,
     ArtifactStore,
     pull_checkpoint,
     push_checkpoint,
 )
+from tests.conftest import BUCKET
 
 MakeStore = Callable[..., ArtifactStore]
 

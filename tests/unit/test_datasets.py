@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer_client.spec import JobSpec
-from trainer_service import datasets
-from trainer_service.datasets import DataPaths
-from trainer_service.errors import DatasetInvalid, DatasetUnavailable
+from stepstream.kernel.spec import JobSpec
+from stepstream_service.engine import datasets
+from stepstream_service.engine.datasets import DataPaths
+from stepstream_service.errors import DatasetInvalid, DatasetUnavailable
 
 
 def write_idx(folder: Path, n_train: int = 12, n_test: int = 5, fill: int = 7) -> None:

@@ -6,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from trainer_client import names
-from trainer_client.spec import LossSpec, OptimizerSpec
-from trainer_service import registry
+from stepstream.kernel import names
+from stepstream.kernel.spec import LossSpec, OptimizerSpec
+from stepstream_service.engine import registry
 
 
 @pytest.mark.parametrize("kind", sorted(names.CANONICAL))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from trainer_service.artifacts import ArtifactStore
-from trainer_service.config import Settings
-from trainer_service.retention import prune
-from trainer_service.store import JobState, Store
+from stepstream_service.config import Settings
+from stepstream_service.store.artifacts import ArtifactStore
+from stepstream_service.store.jobs import JobState, Store
+from stepstream_service.store.retention import prune
 
 
 def test_prune_takes_the_rows_events_and_artifacts_of_finished_jobs_only(tmp_path):
@@ -35,7 +35,7 @@ def test_prune_takes_the_rows_events_and_artifacts_of_finished_jobs_only(tmp_pat
 
 
 def test_trainer_prune_needs_a_rule(capsys):
-    from trainer_client.cli import main
+    from stepstream.cli import main
 
     assert main(["prune"]) == 2
     assert "--older-than-days" in capsys.readouterr().err

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
+from stepstream_service.store import schema
+from stepstream_service.store.jobs import Store, engine_url
 from tests.conftest import ENGINES
-from trainer_service import schema
-from trainer_service.store import Store, engine_url
 
 
 @pytest.fixture(params=ENGINES)
@@ -78,7 +78,7 @@ def test_the_tables_match_the_migrations(url):
 
 
 def test_trainer_migrate_upgrades_and_says_what_it_did(url, capsys):
-    from trainer_client.cli import main
+    from stepstream.cli import main
 
     engine = sa.create_engine(url)
     with engine.begin() as conn:
@@ -101,7 +101,7 @@ def test_a_server_refuses_to_start_on_a_schema_it_does_not_know(url):
     engine.dispose()
     for command in (["serve", "--port", "0", "--metrics-port", "0", "--workers", "0"], ["worker"]):
         done = subprocess.run(
-            [sys.executable, "-m", "trainer_client.cli", *command, "--store", url],
+            [sys.executable, "-m", "stepstream.cli", *command, "--store", url],
             capture_output=True,
             text=True,
             timeout=120,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer_service.config import Settings
-from trainer_service.server import Supervisor, gpu_ids
+from stepstream_service.config import Settings
+from stepstream_service.runtime.server import Supervisor, gpu_ids
 
 
 def test_gpu_lists():
@@ -39,7 +39,7 @@ def test_the_server_process_does_not_load_the_training_framework():
     import sys
 
     code = (
-        "import sys, trainer_service.server, trainer_client.cli;"
+        "import sys, stepstream_service.runtime.server, stepstream.cli;"
         "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from trainer_client import names
-from trainer_client.spec import JobSpec, SpecError, load_spec, parse_duration
+from stepstream.kernel import names
+from stepstream.kernel.spec import JobSpec, SpecError, load_spec, parse_duration
 
 MNIST_MLP = {"dataset": "mnist", "model": "mlp"}
 
@@ -433,7 +433,7 @@ def test_examples_are_valid():
 def test_client_spec_does_not_import_tensorflow():
     import subprocess
 
-    code = "import sys, trainer_client.spec, trainer_client.cli; print('tensorflow' in sys.modules)"
+    code = "import sys, stepstream.kernel.spec, stepstream.cli; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -448,7 +448,7 @@ def test_whole_floats_from_json_are_accepted_as_counts():
 
 
 def test_a_servers_limits_are_named_in_the_error():
-    from trainer_client.spec import SpecLimits
+    from stepstream.kernel.spec import SpecLimits
 
     limits = SpecLimits(max_steps=1000, max_epochs=5, max_layers=3, max_units=256)
     spec = {

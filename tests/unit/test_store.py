@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import ENGINES
-from trainer_service.store import (
+from stepstream_service.store.jobs import (
     AlreadyExists,
     JobFinished,
     JobNotFound,
@@ -17,6 +16,7 @@ from trainer_service.store import (
     NewEvent,
     Store,
 )
+from tests.conftest import ENGINES
 
 
 @pytest.fixture(params=ENGINES)
@@ -276,7 +276,7 @@ def test_a_request_id_is_unique_within_a_tenant_only(store):
 
 
 def test_a_tenant_may_queue_only_so_many_jobs(store):
-    from trainer_service.store import QueueFull
+    from stepstream_service.store.jobs import QueueFull
 
     for i in range(2):
         store.create_job(name=f"q{i}", spec={}, spec_hash="h", labels={}, tenant="t", max_queued=2)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from trainer_service.metrics import Metrics
-from trainer_service.store import JobState, NewEvent, Store
-from trainer_service.tail import BUFFER_LIMIT, RECENT_LIMIT, EventTail
+from stepstream_service.runtime.metrics import Metrics
+from stepstream_service.runtime.tail import BUFFER_LIMIT, RECENT_LIMIT, EventTail
+from stepstream_service.store.jobs import JobState, NewEvent, Store
 
 
 class CountingStore(Store):

@@ -8,10 +8,10 @@ import keras
 import numpy as np
 import pytest
 
-from trainer_client import names
-from trainer_client.spec import JobSpec, load_spec
-from trainer_service.datasets import DataPaths
-from trainer_service.trainer import NoGPU, gpu_available, latest_checkpoint, train
+from stepstream.kernel import names
+from stepstream.kernel.spec import JobSpec, load_spec
+from stepstream_service.engine.datasets import DataPaths
+from stepstream_service.engine.trainer import NoGPU, gpu_available, latest_checkpoint, train
 
 from ..conftest import EXAMPLES
 
@@ -192,7 +192,7 @@ def test_step_values_are_the_batch_loss_and_accuracy(tmp_path):
         }
     )
     result, events = run(spec, tmp_path)
-    from trainer_service import datasets
+    from stepstream_service.engine import datasets
 
     data = datasets.load(spec, DataPaths())
     model = keras.models.load_model(result.model_path)

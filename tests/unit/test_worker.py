@@ -10,11 +10,11 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from stepstream.kernel.events import LogEvent, StepEvent
+from stepstream_service.config import Settings
+from stepstream_service.runtime.worker import Worker, _JobRun
+from stepstream_service.store.jobs import Store
 from tests.conftest import ENGINES
-from trainer_client.events import LogEvent, StepEvent
-from trainer_service.config import Settings
-from trainer_service.store import Store
-from trainer_service.worker import Worker, _JobRun
 
 
 @pytest.fixture(params=ENGINES)

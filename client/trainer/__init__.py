@@ -1,1 +1,0 @@
-"""Generated protobuf and gRPC code for trainer.v1 (scripts/gen-proto)."""

@@ -1,0 +1,567 @@
+"""The training engine: `train(spec, emit, should_stop)`. Knows Keras; knows nothing of gRPC or
+the store. Every step's loss and accuracy are emitted, at near-zero cost (see step_record)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from stepstream.kernel.events import (
+    CheckpointEvent,
+    EvalEvent,
+    Event,
+    LogEvent,
+    ResultEvent,
+    StepEvent,
+    TrainingFailure,
+)
+from stepstream.kernel.spec import JobSpec
+from stepstream_service.engine import datasets, models
+from stepstream_service.engine.datasets import Data, DataPaths
+from stepstream_service.engine.registry import LOSSES, METRICS, OPTIMIZERS, Labels, learning_rate
+from stepstream_service.engine.step_record import STEP_COUNT, STEP_LOSSES, STEP_VALUES, StepRecorder
+from stepstream_service.errors import TrainerError
+from stepstream_service.store.artifacts import KEEP_CHECKPOINTS
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[Event], None]
+ShouldStop = Callable[[], bool]
+
+MAX_WINDOW = 100
+WINDOW_SECONDS = 0.1  # also bounds how stale a streamed step can be
+# Metrics where larger is better; everything else (loss, errors) is minimised.
+_MAXIMISED = ("accuracy", "auc", "precision", "recall", "r2_score", "cosine_similarity")
+
+
+@dataclass
+class _Outcome:
+    outcome: str = "succeeded"
+    stop_reason: str = "completed"
+    failure: TrainingFailure | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+def train(
+    spec: JobSpec,
+    emit: Emit,
+    should_stop: ShouldStop = lambda: False,
+    *,
+    workdir: Path | str,
+    paths: DataPaths | None = None,
+    resume: bool = False,
+    job_id: str | None = None,
+    handing_back: Callable[[], bool] = lambda: False,
+) -> ResultEvent:
+    """Train `spec`, emitting events; return (and emit) the final ResultEvent.
+
+    `workdir` receives checkpoints and the saved model. With `resume`, training continues
+    from the latest checkpoint there, if any. A run that fails while training (non-finite
+    loss, timeout, out of memory) ends in a failed result; a dataset that cannot be had
+    raises a `TrainerError`. `job_id` names the job in log lines (the spec's name otherwise).
+    When `should_stop` stops the run and `handing_back()` is true (its process is shutting
+    down, not cancelling), a checkpoint is written first, so the next attempt loses no step.
+    """
+    started = time.monotonic()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(spec.runtime.precision)
+    try:
+        with _placement(spec):
+            run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started, job_id)
+            run.handing_back = handing_back
+            result = run.execute(resume)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    emit(result)
+    return result
+
+
+# Layers whose XLA code on the CPU beats TensorFlow's own kernels (measured; see _jit_compile).
+_XLA_ON_CPU = (
+    keras.layers.InputLayer,
+    keras.layers.Dense,
+    keras.layers.Flatten,
+    keras.layers.Reshape,
+    keras.layers.Dropout,
+    keras.layers.BatchNormalization,
+    keras.layers.Activation,
+)
+
+
+def _placement(spec: JobSpec):
+    """A device scope only to keep a job off a visible GPU: every backend already places
+    work on the GPU it can see (and on PyTorch a device scope breaks the gradients)."""
+    if spec.runtime.device == "cpu":
+        return keras.device("cpu:0")
+    if spec.runtime.device == "gpu" and not gpu_available():
+        raise NoGPU("the job asks for a GPU (runtime.device: gpu) but this worker has none")
+    return contextlib.nullcontext()
+
+
+def gpu_available() -> bool:
+    return any(d.startswith("GPU") for d in devices())
+
+
+def devices() -> list[str]:
+    """The accelerators this process can see, as "GPU:0", "GPU:1", ..., after "CPU:0"."""
+    backend = keras.config.backend()
+    gpus = 0
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = len(tf.config.list_physical_devices("GPU"))
+    elif backend == "jax":
+        import jax
+
+        gpus = sum(1 for d in jax.devices() if d.platform == "gpu")
+    elif backend == "torch":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["CPU:0", *(f"GPU:{i}" for i in range(gpus))]
+
+
+class NoGPU(RuntimeError):
+    reason = "no_gpu"
+
+
+class OutOfMemory(TrainerError):
+    reason = "out_of_memory"
+
+
+def _check_memory(model: keras.Model, spec: JobSpec, log: Callable[..., None]) -> None:
+    """Refuse, before the first step, a job whose batch cannot fit in this machine's memory.
+
+    On the CPU, TensorFlow does not raise when an allocation fails: its compute thread crashes
+    the whole process. So the activations of one batch (kept for the backward pass, with their
+    gradients and a working copy) and the weights with their gradients and optimizer slots
+    are estimated and compared with the memory the kernel says is available. On a GPU the
+    framework raises a proper error, caught around training.
+    """
+    if gpu_available():
+        return
+    available = _available_bytes()
+    if available is None:
+        return
+    per_example = 0
+    for layer in model.layers:
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        size = 1
+        for dim in shape[1:]:
+            size *= dim or 1
+        per_example += size
+    width = 2 if spec.runtime.precision == "mixed_float16" else 4
+    batch = spec.training.batch_size
+    need = 3 * batch * per_example * width + 4 * model.count_params() * 4
+    if need > available:
+        raise OutOfMemory(
+            f"out of memory: one batch needs about {need / 2**30:.1f} GiB (batch_size {batch}, "
+            f"{per_example:,} activations per example) and this worker has "
+            f"{available / 2**30:.1f} GiB available; use a smaller batch or model"
+        )
+    log("memory: about %.2f GiB of %.1f GiB available", need / 2**30, available / 2**30)
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def latest_checkpoint(workdir: Path | str) -> tuple[int, Path] | None:
+    """(step, path) of the newest complete checkpoint in `workdir`, if any."""
+    marker = Path(workdir) / "checkpoints" / "latest.json"
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    path = marker.parent / info["file"]
+    return (int(info["step"]), path) if path.is_file() else None
+
+
+class _Run:
+    def __init__(self, spec, emit, should_stop, workdir, paths, started, job_id=None):
+        self.spec: JobSpec = spec
+        self.emit: Emit = emit
+        self.should_stop: ShouldStop = should_stop
+        self.handing_back: Callable[[], bool] = lambda: False
+        self.workdir: Path = workdir
+        self.paths: DataPaths = paths
+        self.started: float = started
+        self.deadline = started + spec.training.max_duration if spec.training.max_duration else None
+        self.job_id = job_id or spec.name
+
+    def log(self, message: str, *args) -> None:
+        text = message % args if args else message
+        log.info("job %s: %s", self.job_id, text)
+        self.emit(LogEvent(text, time.time()))
+
+    # ---------------------------------------------------------------- setup
+
+    def execute(self, resume: bool) -> ResultEvent:
+        spec = self.spec
+        keras.utils.set_random_seed(spec.training.seed)
+        data = datasets.load(spec, self.paths)
+        n_train = len(data.x_train)
+        self.log(
+            "loaded %s from %s: %d training, %d validation, %d test examples",
+            spec.dataset.name,
+            data.source,
+            n_train,
+            0 if data.x_val is None else len(data.x_val),
+            0 if data.x_test is None else len(data.x_test),
+        )
+        self.data = data
+        self.steps_per_epoch = math.ceil(n_train / spec.training.batch_size)
+        t = spec.training
+        self.total = t.steps if t.steps is not None else t.epochs * self.steps_per_epoch
+
+        model = models.build(spec, data)
+        _check_memory(model, spec, self.log)
+        loss = LOSSES.get(spec.loss.name)(spec.loss)
+        window = self._window(model, data)
+        self.labels = Labels(
+            format=spec.label_format,
+            units=data.output_units,
+            logits=spec.loss.logits,
+            threshold=0.5 if spec.output_activation == "sigmoid" else 0.0,
+        )
+        recorder = StepRecorder(loss, self._step_value(data), window, self.labels.threshold)
+        model.compile(
+            optimizer=OPTIMIZERS.get(spec.optimizer.name)(spec.optimizer),
+            loss=loss,
+            metrics=[recorder],
+            steps_per_execution=window,
+            jit_compile=self._jit_compile(model),
+        )
+        self.model, self.recorder, self.window = model, recorder, window
+        self.schedule = learning_rate(spec.optimizer)
+        self.log(
+            "built %s model: %s parameters; %d steps, %d per device call%s",
+            spec.model.architecture,
+            f"{model.count_params():,}",
+            self.total,
+            window,
+            ", compiled with XLA" if model.jit_compile is True else "",
+        )
+
+        start = 0
+        found = latest_checkpoint(self.workdir) if resume else None
+        if found:
+            start, path = found
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(path)
+            self.log("resumed from checkpoint at step %d", start)
+        recorder.count.assign(0)
+        return self._fit(start)
+
+    def _step_value(self, data: Data) -> str:
+        if data.task == "regression":
+            return "mae"
+        if self.labels.format == "sparse":
+            return "sparse_accuracy"
+        return "binary_accuracy" if data.output_units == 1 else "argmax_accuracy"
+
+    def _jit_compile(self, model: keras.Model) -> bool | str:
+        """XLA or not. Keras's 'auto' leaves it off on a machine without a GPU; there the
+        service turns it on for models made only of the _XLA_ON_CPU layers, which it speeds up
+        (the seed MLP 1.36x), and leaves it off for convolutions (a CNN ran at 0.38x) and
+        recurrent layers (0.93x). See docs/benchmarks.md."""
+        choice = self.spec.runtime.jit_compile
+        if choice != "auto" or keras.config.backend() != "tensorflow":
+            return choice
+        if self.spec.runtime.device != "cpu" and gpu_available():
+            return "auto"
+        return all(isinstance(layer, _XLA_ON_CPU) for layer in model.layers)
+
+    def _window(self, model: keras.Model, data: Data) -> int:
+        """Steps per device call: about WINDOW_SECONDS of training, so per-step values arrive
+        and stop requests are seen several times a second, dividing the evaluation and
+        checkpoint intervals so those land on exact steps."""
+        choice = self.spec.runtime.steps_per_execution
+        if keras.config.backend() == "torch":
+            return 1  # Keras runs PyTorch eagerly, one step per call, and refuses more
+        if choice == "auto":
+            batch = data.x_train[: self.spec.training.batch_size]
+            # Compiled, not eager: eager recurrent layers are far slower than their graphs.
+            model.predict_on_batch(batch)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                model.predict_on_batch(batch)
+            forward = (time.perf_counter() - t0) / 3
+            step_estimate = 3 * forward  # the backward pass costs about twice the forward
+            choice = int(max(1, min(MAX_WINDOW, WINDOW_SECONDS / max(step_estimate, 1e-6))))
+        t = self.spec.training
+        for interval in (t.eval_every, t.checkpoint_every):
+            if interval:
+                choice = max(d for d in range(1, min(choice, interval) + 1) if interval % d == 0)
+        return choice
+
+    # ---------------------------------------------------------------- training
+
+    def _dataset(self, start: int):
+        import tensorflow as tf
+
+        t, data = self.spec.training, self.data
+        x, y = tf.constant(data.x_train), tf.constant(data.y_train)
+        order = tf.data.Dataset.range(len(data.x_train))
+        if t.shuffle:
+            order = order.shuffle(len(data.x_train), seed=t.seed, reshuffle_each_iteration=True)
+        batches = order.batch(t.batch_size).repeat().skip(start).take(self.total - start)
+        # One gather per batch copies each row once. A sequential map: on a small machine
+        # parallel map threads compete with the training step for the same cores.
+        return batches.map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(tf.data.AUTOTUNE)
+
+    def _fit(self, start: int) -> ResultEvent:
+        outcome = _Outcome()
+        stream = _StepStream(self, start, outcome)
+        if start < self.total:
+            try:
+                self.model.fit(
+                    self._dataset(start), epochs=1, verbose=0, shuffle=False, callbacks=[stream]
+                )
+            except Exception as exc:
+                if not _out_of_memory(exc):
+                    raise
+                outcome.outcome, outcome.stop_reason = "failed", "out_of_memory"
+                outcome.failure = TrainingFailure(
+                    "out_of_memory",
+                    f"out of memory at step {stream.step + 1} (batch_size "
+                    f"{self.spec.training.batch_size}); use a smaller batch or model",
+                    stream.step + 1,
+                )
+        steps = stream.step
+        if outcome.outcome != "succeeded":
+            return self._result(outcome, steps)
+        test_metrics = {}
+        if self.data.x_test is not None:
+            test_metrics = self._evaluate(self.data.x_test, self.data.y_test)
+            self.log("test: %s", _fmt(test_metrics))
+        model_path = self.workdir / "model.keras"
+        _sync(self.model)
+        _atomic_save(keras.Model(self.model.inputs, self.model.outputs), model_path)
+        return self._result(outcome, steps, test_metrics, str(model_path))
+
+    def _result(self, outcome, steps, test_metrics=None, model_path=None) -> ResultEvent:
+        return ResultEvent(
+            outcome=outcome.outcome,
+            steps=steps,
+            stop_reason=outcome.stop_reason,
+            test_metrics=test_metrics or {},
+            final_eval=outcome.last_eval,
+            model_path=model_path,
+            failure=outcome.failure,
+            duration_s=time.monotonic() - self.started,
+            time=time.time(),
+        )
+
+    # ---------------------------------------------------------------- evaluation, checkpoints
+
+    def _evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        if not hasattr(self, "eval_model"):
+            # A second model over the same layers: its metrics are the ones the user asked
+            # for, and evaluating it leaves the training model's step record untouched.
+            self.eval_model = keras.Model(self.model.inputs, self.model.outputs)
+            self.eval_model.compile(
+                loss=LOSSES.get(self.spec.loss.name)(self.spec.loss),
+                metrics=[METRICS.get(m)(self.labels) for m in self.spec.metrics],
+            )
+        _sync(self.model)
+        batch = max(self.spec.training.batch_size, 256)
+        values = self.eval_model.evaluate(x, y, batch_size=batch, verbose=0, return_dict=True)
+        return {k: float(v) for k, v in values.items()}
+
+    def checkpoint(self, step: int) -> None:
+        folder = self.workdir / "checkpoints"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"step-{step:09d}.keras"
+        _sync(self.model)
+        _atomic_save(self.model, path)
+        marker = folder / "latest.json"
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": step, "file": path.name}))
+        os.replace(tmp, marker)
+        for old in sorted(folder.glob("step-*.keras"))[:-KEEP_CHECKPOINTS]:
+            old.unlink(missing_ok=True)
+        self.emit(CheckpointEvent(step, str(path), time.time()))
+
+    def learning_rates(self, first: int, count: int) -> np.ndarray:
+        """The rate used by steps first..first+count-1 (1-based), in one vectorised call."""
+        if not callable(self.schedule):
+            return np.full(count, float(self.schedule))
+        iterations = np.arange(first - 1, first - 1 + count, dtype="float32")
+        return np.asarray(keras.ops.convert_to_numpy(self.schedule(iterations)), dtype=float)
+
+
+class _StepStream(keras.callbacks.Callback):
+    """Once per device call: turn the recorded window into step events, then act on stop
+    requests, the deadline, evaluations, checkpoints and stop rules."""
+
+    def __init__(self, run: _Run, start: int, outcome: _Outcome):
+        super().__init__()
+        self.run, self.outcome = run, outcome
+        self.start = self.step = start
+        self.seen = 0
+        self.t_last = time.time()
+        t = run.spec.training
+        self.best: float | None = None
+        self.bad_evals = 0
+        self.rule = t.early_stopping
+        self.target = t.target
+
+    def on_train_batch_end(self, batch, logs=None):
+        run = self.run
+        count = int(logs[STEP_COUNT])
+        new = count - self.seen
+        if new <= 0:
+            return
+        losses, values = logs[STEP_LOSSES], logs[STEP_VALUES]
+        now = time.time()
+        elapsed = max(now - self.t_last, 1e-9)
+        sps = new / elapsed
+        eps = sps * run.spec.training.batch_size
+        first = self.start + self.seen + 1
+        rates = run.learning_rates(first, new)
+        regression = run.data.task == "regression"
+        for i in range(new):
+            slot = (self.seen + i) % run.window
+            loss, value = float(losses[slot]), float(values[slot])
+            step = first + i
+            run.emit(
+                StepEvent(
+                    step=step,
+                    loss=loss,
+                    accuracy=None if regression else value,
+                    mae=value if regression else None,
+                    learning_rate=float(rates[i]),
+                    steps_per_second=sps,
+                    examples_per_second=eps,
+                    time=self.t_last + elapsed * (i + 1) / new,
+                )
+            )
+            if not math.isfinite(loss):
+                self.step = step
+                self._stop(
+                    "failed",
+                    "non_finite_loss",
+                    TrainingFailure(
+                        "non_finite_loss",
+                        f"loss became {loss} at step {step}; lower the learning rate or check "
+                        "the data",
+                        step,
+                    ),
+                )
+                return
+        self.seen = count
+        self.step = self.start + count
+        self._after_window()
+        # Time spent evaluating or checkpointing is not training time.
+        self.t_last = time.time()
+
+    def _after_window(self) -> None:
+        run, step, t = self.run, self.step, self.run.spec.training
+        if run.should_stop():
+            if run.handing_back() and step > self.start:
+                run.checkpoint(step)
+                self._stop("cancelled", "handed_back")
+                return
+            self._stop("cancelled", "cancelled")
+            return
+        if run.deadline is not None and time.monotonic() > run.deadline:
+            self._stop(
+                "failed",
+                "max_duration_exceeded",
+                TrainingFailure(
+                    "max_duration_exceeded",
+                    f"ran past training.max_duration ({t.max_duration:g} s) at step {step}",
+                    step,
+                ),
+            )
+            return
+        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < run.total:
+            run.checkpoint(step)
+        if t.eval_every and step % t.eval_every == 0:
+            self._evaluate(step)
+
+    def _evaluate(self, step: int) -> None:
+        run = self.run
+        split, x, y = run.data.eval_split
+        values = run._evaluate(x, y)
+        self.outcome.last_eval = values
+        run.emit(EvalEvent(step, split, values, time.time()))
+        if self.target is not None:
+            name = self.target.metric.removeprefix("val_")
+            if _better_or_equal(values[name], self.target.value, name, self.target.mode):
+                self.run.log(
+                    "target %s %g reached at step %d", self.target.metric, values[name], step
+                )
+                self._stop("succeeded", "target_reached")
+                return
+        if self.rule is not None:
+            name = self.rule.monitor.removeprefix("val_")
+            value = values[name]
+            sign = 1.0 if _maximised(name, self.rule.mode) else -1.0
+            if self.best is None or sign * (value - self.best) > self.rule.min_delta:
+                self.best, self.bad_evals = value, 0
+            else:
+                self.bad_evals += 1
+                if self.bad_evals >= self.rule.patience:
+                    self.run.log("early stopping at step %d: %s stopped improving", step, name)
+                    self._stop("succeeded", "early_stopping")
+
+    def _stop(self, outcome: str, reason: str, failure: TrainingFailure | None = None) -> None:
+        self.outcome.outcome, self.outcome.stop_reason = outcome, reason
+        self.outcome.failure = failure
+        self.model.stop_training = True
+
+
+def _maximised(name: str, mode: str) -> bool:
+    return mode == "max" or (mode == "auto" and name.endswith(_MAXIMISED))
+
+
+def _better_or_equal(value: float, target: float, name: str, mode: str) -> bool:
+    return value >= target if _maximised(name, mode) else value <= target
+
+
+def _sync(model: keras.Model) -> None:
+    # The JAX backend keeps training state outside the variables until asked.
+    sync = getattr(model, "jax_state_sync", None)
+    if sync is not None:
+        sync()
+
+
+def _atomic_save(model: keras.Model, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".partial.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ in (
+        "ResourceExhaustedError",
+        "OutOfMemoryError",
+    )
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in values.items())

@@ -1,0 +1,292 @@
+"""`trainer serve`: the gRPC server, the metrics port, the worker supervisor and the rescuer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from stepstream.v1 import trainer_pb2, trainer_pb2_grpc
+from stepstream_service.api.auth import Auth, TokenTable, is_loopback, server_credentials
+from stepstream_service.api.servicer import DecodeGuard, TrainerServicer
+from stepstream_service.config import WORKER_RETIRED, Settings
+from stepstream_service.runtime.metrics import Metrics, WorkerHostMetrics
+from stepstream_service.runtime.priority import yield_cpu
+from stepstream_service.runtime.tail import EventTail
+from stepstream_service.store.artifacts import ArtifactStore
+from stepstream_service.store.jobs import EVENTS_CHANNEL, Store
+from stepstream_service.store.retention import policy_cutoff, prune
+from stepstream_service.store.wakeups import Wakeups
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+def gpu_ids(spec: str) -> list[str]:
+    """GPU ids for `--gpus`: none, all (as many as nvidia-smi lists), or a list like 0,1."""
+    if spec == "none":
+        return []
+    if spec == "all":
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return []
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, check=False).stdout
+        return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+    return [g.strip() for g in spec.split(",") if g.strip()]
+
+
+class Supervisor:
+    """One worker process per GPU (pinned with CUDA_VISIBLE_DEVICES) or N on the CPU; a worker
+    that dies is started again, and its job comes back through the lease rescuer."""
+
+    def __init__(self, settings: Settings, metrics: WorkerHostMetrics | None = None):
+        self.settings = settings
+        self.metrics = metrics
+        gpus = gpu_ids(settings.gpus)
+        # An empty CUDA_VISIBLE_DEVICES hides every GPU from a CPU worker.
+        self.slots = [(f"gpu{g}", g) for g in gpus] or [
+            (f"cpu{i}", "") for i in range(settings.workers)
+        ]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+
+    def worker_id(self, slot: str) -> str:
+        return f"{os.uname().nodename}-{os.getpid()}-{slot}"
+
+    def _env(self, devices: str) -> dict[str, str]:
+        s = self.settings
+        env = dict(os.environ)  # PATH, PYTHONPATH and the like; TRAINER_* are set below
+        env.update(
+            TRAINER_STORE=s.store_url,
+            TRAINER_DATA_DIR=str(s.data_dir.resolve()),
+            TRAINER_ARTIFACTS=s.artifacts_url,
+            TRAINER_ARTIFACT_OPTIONS=json.dumps(s.artifact_options),
+            TRAINER_NOTIFY_POLL_SECONDS=str(s.notify_poll_seconds),
+            TRAINER_WORKER_MAX_JOBS=str(s.worker_max_jobs),
+            TRAINER_WORKER_MAX_GROWTH_MIB=str(s.worker_max_growth_mib),
+            TRAINER_LEASE_SECONDS=str(s.lease_seconds),
+            TRAINER_HEARTBEAT_SECONDS=str(s.heartbeat_seconds),
+            TRAINER_POLL_SECONDS=str(s.poll_seconds),
+            CUDA_VISIBLE_DEVICES=devices,
+        )
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        return env
+
+    def _spawn(self, slot: str, devices: str) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "stepstream_service.runtime.worker",
+            "--worker-id",
+            self.worker_id(slot),
+        ]
+        self.procs[slot] = subprocess.Popen(cmd, env=self._env(devices))
+        log.info("worker %s: started, pid %d", slot, self.procs[slot].pid)
+
+    def start(self) -> None:
+        with self.lock:
+            for slot, devices in self.slots:
+                self._spawn(slot, devices)
+        threading.Thread(target=self._watch, name="supervisor", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(0.5):
+            with self.lock:
+                for slot, devices in self.slots:
+                    proc = self.procs.get(slot)
+                    if proc is not None and proc.poll() is not None and not self.stopping.is_set():
+                        if proc.returncode == WORKER_RETIRED:
+                            log.info("worker %s: retired; starting a fresh one", slot)
+                        else:
+                            log.warning(
+                                "worker %s: exited with %s; starting it again",
+                                slot,
+                                proc.returncode,
+                            )
+                            if self.metrics:
+                                self.metrics.restarts.inc()
+                        self._spawn(slot, devices)
+                self._observe()
+
+    def _observe(self) -> None:
+        if self.metrics is None:
+            return
+        counts = {(kind, state): 0 for kind in ("gpu", "cpu") for state in ("alive", "dead")}
+        for slot, _ in self.slots:
+            proc = self.procs.get(slot)
+            alive = proc is not None and proc.poll() is None
+            counts[(slot[:3], "alive" if alive else "dead")] += 1
+        for (kind, state), count in counts.items():
+            self.metrics.processes.labels(kind, state).set(count)
+
+    def stop(self, grace: float) -> None:
+        self.stopping.set()
+        with self.lock:
+            procs = list(self.procs.values())
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Server:
+    def __init__(self, settings: Settings, store: Store | None = None):
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = store or Store(settings.store_url)
+        self.artifacts = ArtifactStore(settings.artifacts_url, settings.artifact_options)
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.wakeups = Wakeups(settings.store_url, (EVENTS_CHANNEL,))
+        poll = (
+            settings.notify_poll_seconds if self.wakeups.listening else settings.tail_poll_seconds
+        )
+        self.tail = EventTail(
+            self.store,
+            self.metrics,
+            poll,
+            settings.metrics_linger_seconds,
+            self.wakeups,
+            nice=settings.rpc_nice,
+        )
+        tokens = TokenTable.load(settings.tokens_file) if settings.tokens_file else None
+        self.servicer = TrainerServicer(
+            settings, self.store, self.tail, self.metrics, self.artifacts, Auth(tokens)
+        )
+        self.health = health.HealthServicer()
+        keepalive_ms = int(settings.keepalive_seconds * 1000)
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.rpc_threads,
+                thread_name_prefix="rpc",
+                initializer=yield_cpu,
+                initargs=(settings.rpc_nice,),
+            ),
+            interceptors=[DecodeGuard()],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # Pings find dead peers (a laptop that slept mid-stream); clients may ping
+                # idle streams, but not more often than every 10 s.
+                ("grpc.keepalive_time_ms", keepalive_ms),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+        )
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.servicer, self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        host = settings.host
+        if not settings.auth_configured and not is_loopback(host):
+            log.warning(
+                "no authentication is configured (tokens_file or tls_client_ca): listening on "
+                "127.0.0.1 only, not %s",
+                host,
+            )
+            host = "127.0.0.1"
+        self.host = host
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+        self.tls = credentials is not None
+        address = f"{host}:{settings.port}"
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(address)
+        else:
+            self.port = self.grpc.add_secure_port(address, credentials)
+        auth = "tokens" if tokens else "none (loopback only)"
+        if settings.tls_client_ca is not None:
+            auth = f"{'tokens + ' if tokens else ''}client certificates"
+        self.describe = f"auth {auth}, tls {'on' if self.tls else 'off'}"
+        self.metrics_port = 0
+        self.supervisor = Supervisor(settings) if settings.workers > 0 else None
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        self.wakeups.start()
+        self.tail.start()
+        self.grpc.start()
+        # The same host as gRPC: without authentication, loopback only (job names are in it).
+        http, _ = start_http_server(
+            self.settings.metrics_port, addr=self.host, registry=self.registry
+        )
+        self.metrics_http = http
+        self.metrics_port = http.server_port
+        if self.supervisor:
+            self.supervisor.start()
+        threading.Thread(target=self._housekeeping, name="rescuer", daemon=True).start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def _housekeeping(self) -> None:
+        """Requeue jobs whose worker stopped renewing its lease; refresh the queue gauges;
+        apply the retention policy now and then."""
+        interval = min(self.settings.lease_seconds / 3, 1.0)
+        pruned = 0.0
+        while not self.stopping.wait(interval):
+            s = self.settings
+            if (s.retention_days or s.retention_keep) and time.monotonic() - pruned > 60:
+                pruned = time.monotonic()
+                try:
+                    prune(
+                        s,
+                        finished_before=policy_cutoff(s),
+                        keep_last=s.retention_keep,
+                        store=self.store,
+                        artifacts=self.artifacts,
+                    )
+                except Exception:
+                    log.exception("retention: pruning failed; trying again later")
+            try:
+                for job_id, state in self.store.rescue():
+                    log.warning("job %s: lease expired; now %s", job_id, state.value)
+                depth = self.store.queue_depth()
+                for state, count in depth.items():
+                    self.metrics.queue_depth.labels(state).set(count)
+                # Every worker of the pool, on this machine or another, as the store sees it.
+                live = {
+                    w.id for w in self.store.live_workers(3 * self.settings.worker_seen_seconds)
+                }
+                busy = live & self.store.busy_workers()
+                self.metrics.workers.labels("busy").set(len(busy))
+                self.metrics.workers.labels("idle").set(len(live - busy))
+            except Exception:  # the store may be down for a moment; try again next round
+                log.exception("housekeeping failed")
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: health NOT_SERVING, no new jobs accepted, workers checkpoint their jobs and
+        hand them back to the queue within the grace period, then everything closes."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        self.servicer.draining = True
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.stopping.set()
+        if self.supervisor:
+            self.supervisor.stop(grace)
+        self.grpc.stop(grace=1.0).wait()
+        self.tail.stop()
+        self.wakeups.stop()
+        self.metrics_http.shutdown()
+        self.store.close()

@@ -1,0 +1,398 @@
+"""Trained models, checkpoints and uploaded datasets, kept in one store addressed by a URL.
+
+The store is a directory on the local disk by default (the data directory, so files the worker
+writes there are already in place and nothing is copied) or any fsspec URL: `s3://bucket/prefix`
+lets a worker on machine B resume a checkpoint that a worker on machine A wrote. Keys are
+relative paths: `jobs/<job_id>/model.keras`, `jobs/<job_id>/checkpoints/...`,
+`uploads/<name>.npz`.
+
+Readers never see half an object: local writes go to a temporary file that is renamed into
+place, object stores publish an object only when its upload completes, and other file systems
+get a temporary key that is moved into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from stepstream_service.errors import TrainerError
+
+log = logging.getLogger(__name__)
+
+# Checkpoints kept, here and in the trainer's workdir: the newest, and one to fall back on
+# should the newest be unreadable.
+KEEP_CHECKPOINTS = 2
+
+# Protocols whose single PUT publishes an object whole, so no temporary key is needed (and a
+# "move" there would be a copy of the whole object anyway).
+_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
+
+_CHECKPOINT_NAME = re.compile(r"^step-\d+\.keras$")
+
+
+class ArtifactError(TrainerError):
+    """An artifact could not be read or written; the message names its full URL."""
+
+    reason = "artifact_error"
+
+
+class ArtifactStore:
+    """Files under one root URL; see the module docstring for the keys used."""
+
+    def __init__(self, url: str, options: dict[str, Any] | None = None):
+        url = str(url)
+        if "://" not in url:
+            # A plain path: keep it a path in messages, but absolute so it does not depend on
+            # the working directory of whoever reads it later.
+            url = str(Path(url).expanduser().resolve())
+        self.url: str = _strip_slash(url)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **(options or {}))
+        except (ImportError, ValueError) as exc:
+            # ImportError: the URL's protocol needs a package that is not installed (s3fs...).
+            raise ArtifactError(f"cannot open artifact store {self.url}: {exc}") from exc
+        self._root: str = _strip_slash(root)
+        self.local_root: Path | None = (
+            Path(self._root) if isinstance(self.fs, LocalFileSystem) else None
+        )
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else self.fs.protocol
+        self._atomic_put = bool(_OBJECT_STORES & set(protocols))
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.url!r})"
+
+    # ------------------------------------------------------------------------------- addressing
+
+    def describe(self, key: str) -> str:
+        """The full URL of `key`, for messages and logs."""
+        return f"{self.url}/{_check_key(key)}"
+
+    def local_path(self, key: str) -> Path | None:
+        """Where `key` lives on this machine's disk, when the store is the local file system."""
+        return None if self.local_root is None else self.local_root / _check_key(key)
+
+    def _path(self, key: str) -> str:
+        return f"{self._root}/{_check_key(key)}"
+
+    def _fresh(self, key: str) -> str:
+        """The store path of `key`, with any cached listing of it dropped: another machine may
+        have written or deleted it since this process (fsspec caches file system instances,
+        s3fs caches listings) last looked."""
+        path = self._path(key)
+        self.fs.invalidate_cache(path)
+        return path
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, key: str) -> Iterator[None]:
+        try:
+            yield
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"artifact not found: {self.describe(key)}") from exc
+        except OSError as exc:
+            raise ArtifactError(f"cannot {action} {self.describe(key)}: {exc}") from exc
+
+    # ------------------------------------------------------------------------------ whole files
+
+    def put(self, local: Path, key: str) -> None:
+        """Upload the file `local` as `key`; nothing to do when it already is that file."""
+        local = Path(local)
+        if not local.is_file():
+            raise ArtifactError(f"cannot upload {local} to {self.describe(key)}: no such file")
+        target = self.local_path(key)
+        if target is not None:
+            if _same_file(local, target):
+                return
+            with self._errors("write", key):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _temp_beside(target)
+                try:
+                    shutil.copyfile(local, tmp)
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            return
+        path = self._fresh(key)
+        with self._errors("write", key):
+            if self._atomic_put:
+                self.fs.put_file(str(local), path)
+            else:
+                tmp = _temp_beside_key(path)
+                try:
+                    self.fs.put_file(str(local), tmp)
+                    self.fs.mv(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        self.fs.rm(tmp)
+                    raise
+        log.debug("uploaded %s to %s", local, self.describe(key))
+
+    def get(self, key: str, local: Path) -> Path:
+        """Download `key` to the file `local` and return `local`. The file appears whole or
+        not at all; a missing key raises ArtifactError and leaves `local` as it was."""
+        local = Path(local)
+        source = self.local_path(key)
+        if source is not None and _same_file(source, local):
+            if not local.is_file():
+                raise ArtifactError(f"artifact not found: {self.describe(key)}")
+            return local
+        path = self._fresh(key)
+        with self._errors("read", key):
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = _temp_beside(local)
+            try:
+                if source is not None:
+                    shutil.copyfile(source, tmp)
+                else:
+                    self.fs.get_file(path, str(tmp))
+                os.replace(tmp, local)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return local
+
+    # ---------------------------------------------------------------------------------- streams
+
+    def open(self, key: str, mode: str = "rb") -> IO[Any]:
+        """A file object on `key`. Read modes stream from the store (read in chunks for large
+        objects). Write modes collect the data and publish it on close(); leaving a `with`
+        block by an exception publishes nothing."""
+        if mode not in ("rb", "r", "wb", "w"):
+            raise ValueError(f"unsupported mode {mode!r}: use rb, r, wb or w")
+        if "w" in mode:
+            return _Upload(self, key, text="b" not in mode)
+        path = self._fresh(key)
+        with self._errors("read", key):
+            if self.local_root is not None:
+                return open(path, mode)  # the caller closes it
+            return self.fs.open(path, mode)
+
+    def read_text(self, key: str) -> str:
+        with self.open(key, "rb") as f, self._errors("read", key):
+            return f.read().decode()
+
+    def write_text(self, key: str, text: str) -> None:
+        with self.open(key, "wb") as f:
+            f.write(text.encode())
+
+    # ------------------------------------------------------------------------------- inspection
+
+    def exists(self, key: str) -> bool:
+        path = self._fresh(key)
+        with self._errors("check", key):
+            return bool(self.fs.exists(path))
+
+    def size(self, key: str) -> int:
+        path = self._fresh(key)
+        with self._errors("stat", key):
+            return int(self.fs.size(path))
+
+    def delete(self, key: str) -> None:
+        """Delete `key`, or everything under it when it is a prefix; missing is fine."""
+        path = self._fresh(key)
+        with self._errors("delete", key):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    def _names(self, prefix: str) -> list[str]:
+        """Base names of the entries directly under `prefix`; none when it does not exist."""
+        path = self._fresh(prefix)
+        with self._errors("list", prefix):
+            try:
+                entries = self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+        return [str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in entries]
+
+
+class _Upload(io.RawIOBase):
+    """A write-only file that becomes `key` on close(): spooled to a temporary file (beside the
+    target on a local store, so publishing is a rename) and then put in one piece."""
+
+    def __init__(self, store: ArtifactStore, key: str, text: bool = False):
+        super().__init__()
+        self._store, self._key, self._text = store, key, text
+        target = store.local_path(key)
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = _temp_beside(target)
+        else:
+            fd, name = tempfile.mkstemp(prefix="artifact-", suffix=".part")
+            os.close(fd)
+            self._tmp = Path(name)
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()/abort()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self._text:
+            data = data.encode()
+        return self._file.write(data)
+
+    def abort(self) -> None:
+        """Throw the data away; `key` is left as it was."""
+        if not self.closed:
+            try:
+                self._file.close()
+                self._tmp.unlink(missing_ok=True)
+            finally:
+                super().close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._file.close()
+            target = self._store.local_path(self._key)
+            if target is not None:
+                with self._store._errors("write", self._key):
+                    os.replace(self._tmp, target)
+            else:
+                self._store.put(self._tmp, self._key)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+            super().close()
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __del__(self) -> None:
+        # io's default would close(), publishing whatever was written before the writer was
+        # dropped; an upload nobody closed is an upload that did not finish.
+        if not self.closed:
+            log.warning("upload to %s dropped before close(); discarded", self._key)
+            self.abort()
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def push_checkpoint(store: ArtifactStore, workdir: Path, job_id: str) -> None:
+    """Copy the newest checkpoint in `workdir` to the store, for a resume on any machine.
+
+    The checkpoint file goes first and the marker naming it last, so a reader never follows a
+    marker to a missing file; remote checkpoints older than the newest KEEP_CHECKPOINTS go.
+    """
+    workdir = Path(workdir)
+    if _is_home(store, workdir, job_id):
+        return  # the trainer wrote straight into the store
+    folder = workdir / "checkpoints"
+    try:
+        info = json.loads((folder / "latest.json").read_text())
+    except FileNotFoundError:
+        return
+    file = _checkpoint_file(info, folder / "latest.json")
+    prefix = f"jobs/{job_id}/checkpoints"
+    store.put(folder / file, f"{prefix}/{file}")
+    # The marker as read, not re-read from disk: the trainer may have moved on meanwhile.
+    store.write_text(f"{prefix}/latest.json", json.dumps(info))
+    steps = sorted(name for name in store._names(prefix) if _CHECKPOINT_NAME.match(name))
+    for old in steps[:-KEEP_CHECKPOINTS]:
+        if old != file:
+            store.delete(f"{prefix}/{old}")
+    log.info("checkpoint at step %s of job %s pushed to %s", info["step"], job_id, store.url)
+
+
+def pull_checkpoint(store: ArtifactStore, workdir: Path, job_id: str) -> int | None:
+    """Bring the store's newest checkpoint of `job_id` into `workdir` before resuming there.
+
+    Returns its step, or None when the store has none. A local checkpoint at least as new is
+    kept as it is (its step is returned), so a push that never happened loses nothing.
+    """
+    workdir = Path(workdir)
+    folder = workdir / "checkpoints"
+    local = _local_marker(folder)
+    if _is_home(store, workdir, job_id):
+        return local[0] if local else None
+    prefix = f"jobs/{job_id}/checkpoints"
+    if not store.exists(f"{prefix}/latest.json"):
+        return local[0] if local else None
+    try:
+        info = json.loads(store.read_text(f"{prefix}/latest.json"))
+    except ValueError as exc:
+        raise ArtifactError(f"unreadable {store.describe(f'{prefix}/latest.json')}") from exc
+    file = _checkpoint_file(info, store.describe(f"{prefix}/latest.json"))
+    step = int(info["step"])
+    if local and local[0] >= step:
+        return local[0]
+    if not (folder / file).is_file():
+        store.get(f"{prefix}/{file}", folder / file)
+    marker = folder / "latest.json"
+    tmp = _temp_beside(marker)
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, marker)
+    log.info("checkpoint at step %d of job %s pulled from %s", step, job_id, store.url)
+    return step
+
+
+def _is_home(store: ArtifactStore, workdir: Path, job_id: str) -> bool:
+    """Whether the job's folder in the store is `workdir` itself (the default layout)."""
+    home = store.local_path(f"jobs/{job_id}")
+    return home is not None and _same_file(home, workdir)
+
+
+def _local_marker(folder: Path) -> tuple[int, str] | None:
+    """(step, file) of the complete checkpoint the local marker names, if any."""
+    try:
+        info = json.loads((folder / "latest.json").read_text())
+        file = _checkpoint_file(info, folder)
+        step = int(info["step"])
+    except (OSError, ValueError, KeyError, TypeError, ArtifactError):
+        return None
+    return (step, file) if (folder / file).is_file() else None
+
+
+def _checkpoint_file(info: Any, where: object) -> str:
+    """The checkpoint file a marker names, refusing anything but a plain step-N.keras name (a
+    marker from the store must not point a download outside the checkpoint folder)."""
+    file = info.get("file") if isinstance(info, dict) else None
+    if not isinstance(file, str) or not _CHECKPOINT_NAME.match(file) or "step" not in info:
+        raise ArtifactError(f"checkpoint marker {where} is malformed: {info!r}")
+    return file
+
+
+# ----------------------------------------------------------------------------------- small helpers
+
+
+def _strip_slash(url: str) -> str:
+    """`url` without trailing slashes, but never down to nothing ("/" and "file:///" stay)."""
+    scheme, sep, rest = url.rpartition("://")
+    stripped = rest.rstrip("/")
+    return f"{scheme}{sep}{stripped or rest[:1]}"
+
+
+def _check_key(key: str) -> str:
+    parts = str(key).strip("/").split("/")
+    if not key or any(part in ("", ".", "..") for part in parts):
+        raise ArtifactError(f"invalid artifact key {key!r}")
+    return "/".join(parts)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _temp_beside(path: Path) -> Path:
+    """A temporary name in the same folder, so os.replace is a rename on one file system."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+
+
+def _temp_beside_key(path: str) -> str:
+    folder, _, name = path.rpartition("/")
+    return f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.part"
