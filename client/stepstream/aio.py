@@ -9,7 +9,6 @@ async with AsyncTrainingClient("localhost:50051") as client:
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,14 @@ from stepstream.client import (
     DEFAULT_ADDRESS,
     JobInfo,
     Metrics,
-    _spec_struct,
-    events_of,
     job_name,
     metrics_from_proto,
+    spec_request,
 )
 from stepstream.connection import Credentials
 from stepstream.kernel.events import Event, StateEvent
-from stepstream.kernel.spec import JobSpec, load_spec
+from stepstream.kernel.spec import JobSpec
+from stepstream.kernel.wire import events_of
 from stepstream.v1 import trainer_pb2 as pb
 from stepstream.v1 import trainer_pb2_grpc
 
@@ -155,12 +154,7 @@ class AsyncTrainingClient:
         priority: int = 0,
         max_attempts: int = 0,
     ) -> AsyncJob:
-        request = pb.CreateJobRequest(
-            spec=_spec_struct(load_spec(spec)),
-            request_id=request_id or uuid.uuid4().hex,
-            priority=priority,
-            max_attempts=max_attempts,
-        )
+        request = spec_request(spec, request_id, priority, max_attempts)
         return AsyncJob(self, (await self._call("CreateJob", request)).name)
 
     def job(self, name: str) -> AsyncJob:

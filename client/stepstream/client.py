@@ -10,6 +10,7 @@ job.download_model("model.keras")
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -18,26 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 
 from stepstream.connection import Credentials
-from stepstream.kernel.events import (
-    CheckpointEvent,
-    EvalEvent,
-    Event,
-    LogEvent,
-    ResultEvent,
-    StateEvent,
-    StepEvent,
-    TrainingFailure,
-)
+from stepstream.kernel.events import EvalEvent, Event, StateEvent
+from stepstream.kernel.failures import Failure
 from stepstream.kernel.spec import JobSpec, load_spec
+from stepstream.kernel.states import JobState
+from stepstream.kernel.wire import events_of, failure_from_proto, seconds, state_from_proto
 from stepstream.v1 import trainer_pb2 as pb
 from stepstream.v1 import trainer_pb2_grpc
 
 DEFAULT_ADDRESS = "localhost:50051"
 SUBMIT_RETRIES = 3
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 # Codes worth retrying a stream on: the server restarting or a network blip.
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -47,18 +40,19 @@ class JobInfo:
     name: str
     id: str
     display_name: str
-    state: str
+    state: JobState
     step: int
     total_steps: int
     loss: float
-    accuracy: float
+    accuracy: float | None  # classification jobs
+    mae: float | None  # regression jobs
     attempts: int
     max_attempts: int
     priority: int
     labels: dict[str, str]
     test_metrics: dict[str, float]
     model_available: bool
-    failure: TrainingFailure | None
+    failure: Failure | None
     create_time: float | None
     start_time: float | None
     end_time: float | None
@@ -68,37 +62,39 @@ class JobInfo:
 
     @property
     def terminal(self) -> bool:
-        return self.state in TERMINAL
+        return self.state.terminal
 
     @classmethod
     def from_proto(cls, job: pb.Job) -> JobInfo:
         def ts(field_name: str) -> float | None:
-            return (
-                getattr(job, field_name).ToNanoseconds() / 1e9 if job.HasField(field_name) else None
-            )
+            return seconds(getattr(job, field_name)) if job.HasField(field_name) else None
+
+        def optional(field_name: str) -> float | None:
+            return getattr(job, field_name) if job.HasField(field_name) else None
 
         return cls(
             name=job.name,
             id=job.name.removeprefix("jobs/"),
             display_name=job.display_name,
-            state=pb.JobState.Name(job.state),
+            state=state_from_proto(job.state),
             step=job.step,
             total_steps=job.total_steps,
             loss=job.loss,
-            accuracy=job.accuracy,
+            accuracy=optional("accuracy"),
+            mae=optional("mae"),
             attempts=job.attempts,
             max_attempts=job.max_attempts,
             priority=job.priority,
             labels=dict(job.labels),
             test_metrics=dict(job.test_metrics),
             model_available=job.model_available,
-            failure=_failure(job.error) if job.HasField("error") else None,
+            failure=failure_from_proto(job),
             create_time=ts("create_time"),
             start_time=ts("start_time"),
             end_time=ts("end_time"),
             last_seq=job.last_seq,
             worker=job.worker,
-            spec=json_format.MessageToDict(job.spec),
+            spec=json.loads(job.spec_json) if job.spec_json else {},
         )
 
 
@@ -113,56 +109,6 @@ class Metrics:
     learning_rate: list[float]
     evals: list[EvalEvent]
     total_points: int
-
-
-def _failure(error: pb.JobError) -> TrainingFailure:
-    return TrainingFailure(error.reason, error.message, error.step or None)
-
-
-def event_from_proto(ev: pb.JobEvent) -> Event:
-    t, seq, which = ev.time.ToNanoseconds() / 1e9, ev.seq, ev.WhichOneof("payload")
-    if which == "step":
-        s = ev.step
-        return StepEvent(
-            step=s.step,
-            loss=s.loss,
-            accuracy=s.accuracy if s.HasField("accuracy") else None,
-            mae=s.mae if s.HasField("mae") else None,
-            learning_rate=s.learning_rate,
-            steps_per_second=s.steps_per_second,
-            examples_per_second=s.examples_per_second,
-            time=t,
-            seq=seq,
-        )
-    if which == "eval":
-        return EvalEvent(ev.eval.step, ev.eval.split, dict(ev.eval.values), t, seq=seq)  # type: ignore[arg-type]
-    if which == "checkpoint":
-        return CheckpointEvent(ev.checkpoint.step, "", t, seq=seq)
-    if which == "log":
-        return LogEvent(ev.log.message, t, ev.log.level or "info", seq=seq)  # type: ignore[arg-type]
-    if which == "state_change":
-        sc = ev.state_change
-        failure = _failure(sc.error) if sc.HasField("error") else None
-        return StateEvent(pb.JobState.Name(sc.state), sc.attempt, t, failure, seq=seq)
-    r = ev.result
-    return ResultEvent(
-        outcome=r.outcome,  # type: ignore[arg-type]
-        steps=r.steps,
-        stop_reason=r.stop_reason,
-        test_metrics=dict(r.test_metrics),
-        final_eval=dict(r.final_eval),
-        failure=_failure(r.error) if r.HasField("error") else None,
-        duration_s=r.duration_seconds,
-        time=t,
-        seq=seq,
-    )
-
-
-def events_of(response: pb.WatchJobResponse) -> list[Event]:
-    """The events a WatchJob message carries (none for the snapshot)."""
-    if response.WhichOneof("kind") != "batch":
-        return []
-    return [event_from_proto(proto) for proto in response.batch.events]
 
 
 def metrics_from_proto(m: pb.JobMetrics) -> Metrics:
@@ -183,10 +129,19 @@ def job_name(name: str) -> str:
     return name if name.startswith("jobs/") else f"jobs/{name}"
 
 
-def _spec_struct(spec: JobSpec) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(spec.to_dict())
-    return out
+def spec_request(
+    spec: JobSpec | Mapping[str, Any] | str | Path,
+    request_id: str | None,
+    priority: int,
+    max_attempts: int,
+) -> pb.CreateJobRequest:
+    """Validate `spec` here (a JobSpec, dict, or YAML/JSON path) and build its request."""
+    return pb.CreateJobRequest(
+        spec_json=json.dumps(load_spec(spec).to_dict()),
+        request_id=request_id or uuid.uuid4().hex,
+        priority=priority,
+        max_attempts=max_attempts,
+    )
 
 
 class Job:
@@ -331,13 +286,7 @@ class TrainingClient:
         """Validate `spec` here (a JobSpec, dict, or YAML/JSON path), then create the job.
         Retrying with the same request_id never creates a second job, so a call that timed
         out or found the server unavailable is retried a few times with the same id."""
-        parsed = load_spec(spec)
-        request = pb.CreateJobRequest(
-            spec=_spec_struct(parsed),
-            request_id=request_id or uuid.uuid4().hex,
-            priority=priority,
-            max_attempts=max_attempts,
-        )
+        request = spec_request(spec, request_id, priority, max_attempts)
         retriable = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         for attempt in range(SUBMIT_RETRIES + 1):
             try:

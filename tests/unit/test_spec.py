@@ -332,8 +332,14 @@ def test_unknown_names_list_the_valid_ones_sorted():
     assert "mse" in listed and "kld" in listed and "cosine_proximity" in listed
 
 
+def test_an_empty_spec_is_refused():
+    # Most often a client that sent nothing (a misspelt field), not a wish for the defaults.
+    with pytest.raises(SpecError, match="the spec is empty"):
+        JobSpec.parse({})
+
+
 def test_defaults_make_a_runnable_job():
-    spec = JobSpec.parse({})
+    spec = JobSpec.parse({"dataset": "fashion_mnist"})
     assert spec.model.architecture == "mlp"
     assert spec.loss.name == "sparse_categorical_crossentropy"
     assert spec.metrics == ["accuracy"]

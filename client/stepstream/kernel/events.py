@@ -1,9 +1,18 @@
-"""Typed training events: what `train()` emits and what a watcher of a job receives."""
+"""Typed training events: what `train()` emits, what the store keeps, what a watcher receives.
+
+`to_payload` and `from_payload` are the store's codec (a JSON object per event);
+`stepstream.kernel.wire` is the API's. Both follow the dataclass fields, whose names are the
+protobuf fields', so a field added here travels everywhere or fails the round-trip test.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
+
+from stepstream.kernel.failures import Failure
+from stepstream.kernel.states import JobState
 
 
 @dataclass(frozen=True)
@@ -55,13 +64,6 @@ class LogEvent:
 
 
 @dataclass(frozen=True)
-class TrainingFailure:
-    reason: str
-    message: str
-    step: int | None = None
-
-
-@dataclass(frozen=True)
 class ResultEvent:
     """The last event of a run."""
 
@@ -71,8 +73,8 @@ class ResultEvent:
     test_metrics: dict[str, float] = field(default_factory=dict)
     final_eval: dict[str, float] = field(default_factory=dict)
     model_path: str | None = None
-    failure: TrainingFailure | None = None
-    duration_s: float = 0.0
+    failure: Failure | None = None
+    duration_seconds: float = 0.0
     time: float = 0.0
     kind: Literal["result"] = "result"
     seq: int = 0
@@ -82,16 +84,51 @@ class ResultEvent:
 class StateEvent:
     """The job changed state (a watcher's view; the engine itself never emits these)."""
 
-    state: str
+    state: JobState
     attempt: int
     time: float
-    failure: TrainingFailure | None = None
+    failure: Failure | None = None
     kind: Literal["state"] = "state"
     seq: int = 0
 
     @property
     def terminal(self) -> bool:
-        return self.state in ("SUCCEEDED", "FAILED", "CANCELLED")
+        return self.state.terminal
 
 
 Event = StepEvent | EvalEvent | CheckpointEvent | LogEvent | ResultEvent | StateEvent
+
+KINDS: dict[str, type[Event]] = {
+    cls.kind: cls  # type: ignore[misc]
+    for cls in (StepEvent, EvalEvent, CheckpointEvent, LogEvent, ResultEvent, StateEvent)
+}
+# What each kind carries besides its kind, time and seq (which the store keeps in columns).
+PAYLOAD_FIELDS: dict[str, tuple[str, ...]] = {
+    kind: tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("kind", "time", "seq"))
+    for kind, cls in KINDS.items()
+}
+# Keys that rows written by earlier versions use.
+_LEGACY = {"error": "failure", "duration_s": "duration_seconds"}
+
+
+def to_payload(event: Event) -> dict[str, Any]:
+    """The event's fields as a JSON-ready mapping (dataclasses.asdict is slow on the hot path)."""
+    payload = {name: getattr(event, name) for name in PAYLOAD_FIELDS[event.kind]}
+    failure = payload.get("failure")
+    if failure is not None:
+        payload["failure"] = failure.to_dict()
+    if "state" in payload:
+        payload["state"] = payload["state"].value
+    return payload
+
+
+def from_payload(kind: str, payload: dict[str, Any], *, seq: int = 0, time: float = 0.0) -> Event:
+    """The event a stored payload describes."""
+    known = PAYLOAD_FIELDS[kind]
+    values = {_LEGACY.get(k, k): v for k, v in payload.items()}
+    values = {k: v for k, v in values.items() if k in known}
+    if "failure" in values:
+        values["failure"] = Failure.from_dict(values["failure"])
+    if "state" in values:
+        values["state"] = JobState(values["state"])
+    return KINDS[kind](**values, seq=seq, time=time)  # type: ignore[arg-type]

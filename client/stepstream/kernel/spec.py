@@ -638,6 +638,10 @@ class JobSpec(_Spec):
             raise SpecError(
                 [Problem("<root>", f"a job spec is a mapping, got {type(data).__name__}")]
             )
+        if not data:
+            # Every field has a default, but an empty spec is far likelier a client that sent
+            # nothing (a misspelt field, an unconverted object) than a wish for the defaults.
+            raise SpecError([Problem("<root>", "the spec is empty; give at least its dataset")])
         try:
             return cls.model_validate(dict(data), context={"limits": limits})
         except ValidationError as exc:

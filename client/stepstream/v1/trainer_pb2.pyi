@@ -1,35 +1,31 @@
-import datetime
-
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
-    QUEUED: _ClassVar[JobState]
-    RUNNING: _ClassVar[JobState]
-    SUCCEEDED: _ClassVar[JobState]
-    FAILED: _ClassVar[JobState]
-    CANCELLING: _ClassVar[JobState]
-    CANCELLED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLING: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
-QUEUED: JobState
-RUNNING: JobState
-SUCCEEDED: JobState
-FAILED: JobState
-CANCELLING: JobState
-CANCELLED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLING: JobState
+JOB_STATE_CANCELLED: JobState
 
 class Job(_message.Message):
-    __slots__ = ("name", "display_name", "state", "spec", "labels", "priority", "create_time", "start_time", "end_time", "attempts", "max_attempts", "error", "step", "total_steps", "loss", "accuracy", "test_metrics", "model_available", "last_seq", "request_id", "worker")
+    __slots__ = ("name", "display_name", "state", "spec_json", "labels", "priority", "create_time", "start_time", "end_time", "attempts", "max_attempts", "failure", "step", "total_steps", "loss", "accuracy", "mae", "test_metrics", "model_available", "last_seq", "request_id", "worker")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,7 +43,7 @@ class Job(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
-    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
@@ -55,11 +51,12 @@ class Job(_message.Message):
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MAE_FIELD_NUMBER: _ClassVar[int]
     TEST_METRICS_FIELD_NUMBER: _ClassVar[int]
     MODEL_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -68,7 +65,7 @@ class Job(_message.Message):
     name: str
     display_name: str
     state: JobState
-    spec: _struct_pb2.Struct
+    spec_json: str
     labels: _containers.ScalarMap[str, str]
     priority: int
     create_time: _timestamp_pb2.Timestamp
@@ -76,19 +73,20 @@ class Job(_message.Message):
     end_time: _timestamp_pb2.Timestamp
     attempts: int
     max_attempts: int
-    error: JobError
+    failure: Failure
     step: int
     total_steps: int
     loss: float
     accuracy: float
+    mae: float
     test_metrics: _containers.ScalarMap[str, float]
     model_available: bool
     last_seq: int
     request_id: str
     worker: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., max_attempts: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., model_available: _Optional[bool] = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., max_attempts: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., mae: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., model_available: bool = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
-class JobError(_message.Message):
+class Failure(_message.Message):
     __slots__ = ("reason", "message", "step")
     REASON_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -99,16 +97,16 @@ class JobError(_message.Message):
     def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class CreateJobRequest(_message.Message):
-    __slots__ = ("spec", "request_id", "priority", "max_attempts")
-    SPEC_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("spec_json", "request_id", "priority", "max_attempts")
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
-    spec: _struct_pb2.Struct
+    spec_json: str
     request_id: str
     priority: int
     max_attempts: int
-    def __init__(self, spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
+    def __init__(self, spec_json: _Optional[str] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("name",)
@@ -180,7 +178,7 @@ class JobEvent(_message.Message):
     log: LogEvent
     state_change: StateChange
     result: ResultEvent
-    def __init__(self, seq: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., step: _Optional[_Union[StepEvent, _Mapping]] = ..., eval: _Optional[_Union[EvalEvent, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., log: _Optional[_Union[LogEvent, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., result: _Optional[_Union[ResultEvent, _Mapping]] = ...) -> None: ...
+    def __init__(self, seq: _Optional[int] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., step: _Optional[_Union[StepEvent, _Mapping]] = ..., eval: _Optional[_Union[EvalEvent, _Mapping]] = ..., checkpoint: _Optional[_Union[CheckpointEvent, _Mapping]] = ..., log: _Optional[_Union[LogEvent, _Mapping]] = ..., state_change: _Optional[_Union[StateChange, _Mapping]] = ..., result: _Optional[_Union[ResultEvent, _Mapping]] = ...) -> None: ...
 
 class StepEvent(_message.Message):
     __slots__ = ("step", "loss", "accuracy", "mae", "learning_rate", "steps_per_second", "examples_per_second")
@@ -218,10 +216,12 @@ class EvalEvent(_message.Message):
     def __init__(self, step: _Optional[int] = ..., split: _Optional[str] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class CheckpointEvent(_message.Message):
-    __slots__ = ("step",)
+    __slots__ = ("step", "path")
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     step: int
-    def __init__(self, step: _Optional[int] = ...) -> None: ...
+    path: str
+    def __init__(self, step: _Optional[int] = ..., path: _Optional[str] = ...) -> None: ...
 
 class LogEvent(_message.Message):
     __slots__ = ("message", "level")
@@ -232,17 +232,17 @@ class LogEvent(_message.Message):
     def __init__(self, message: _Optional[str] = ..., level: _Optional[str] = ...) -> None: ...
 
 class StateChange(_message.Message):
-    __slots__ = ("state", "attempt", "error")
+    __slots__ = ("state", "attempt", "failure")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     state: JobState
     attempt: int
-    error: JobError
-    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., attempt: _Optional[int] = ..., error: _Optional[_Union[JobError, _Mapping]] = ...) -> None: ...
+    failure: Failure
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ..., attempt: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
 
 class ResultEvent(_message.Message):
-    __slots__ = ("outcome", "steps", "stop_reason", "test_metrics", "final_eval", "error", "duration_seconds")
+    __slots__ = ("outcome", "steps", "stop_reason", "test_metrics", "final_eval", "failure", "duration_seconds", "model_path")
     class TestMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -262,16 +262,18 @@ class ResultEvent(_message.Message):
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     TEST_METRICS_FIELD_NUMBER: _ClassVar[int]
     FINAL_EVAL_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     outcome: str
     steps: int
     stop_reason: str
     test_metrics: _containers.ScalarMap[str, float]
     final_eval: _containers.ScalarMap[str, float]
-    error: JobError
+    failure: Failure
     duration_seconds: float
-    def __init__(self, outcome: _Optional[str] = ..., steps: _Optional[int] = ..., stop_reason: _Optional[str] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., final_eval: _Optional[_Mapping[str, float]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+    model_path: str
+    def __init__(self, outcome: _Optional[str] = ..., steps: _Optional[int] = ..., stop_reason: _Optional[str] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., final_eval: _Optional[_Mapping[str, float]] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., duration_seconds: _Optional[float] = ..., model_path: _Optional[str] = ...) -> None: ...
 
 class GetJobMetricsRequest(_message.Message):
     __slots__ = ("name", "max_points")
@@ -369,3 +371,13 @@ class Capabilities(_message.Message):
     schedules: _containers.RepeatedScalarFieldContainer[str]
     aliases: _containers.ScalarMap[str, str]
     def __init__(self, architectures: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[str]] = ..., activations: _Optional[_Iterable[str]] = ..., losses: _Optional[_Iterable[str]] = ..., optimizers: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ..., datasets: _Optional[_Iterable[str]] = ..., schedules: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class GetJobSpecSchemaRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JobSpecSchema(_message.Message):
+    __slots__ = ("json_schema",)
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    json_schema: str
+    def __init__(self, json_schema: _Optional[str] = ...) -> None: ...

@@ -5,7 +5,7 @@ import warnings
 
 from stepstream.v1 import trainer_pb2 as stepstream_dot_v1_dot_trainer__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.66.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in stepstream/v1/trainer_pb2_grpc.py depends on'
+        + f' but the generated code in stepstream/v1/trainer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class TrainerServiceStub:
+class TrainerServiceStub(object):
     """Submits, watches and manages training jobs.
     """
 
@@ -80,9 +80,14 @@ class TrainerServiceStub:
                 request_serializer=stepstream_dot_v1_dot_trainer__pb2.ListCapabilitiesRequest.SerializeToString,
                 response_deserializer=stepstream_dot_v1_dot_trainer__pb2.Capabilities.FromString,
                 _registered_method=True)
+        self.GetJobSpecSchema = channel.unary_unary(
+                '/stepstream.v1.TrainerService/GetJobSpecSchema',
+                request_serializer=stepstream_dot_v1_dot_trainer__pb2.GetJobSpecSchemaRequest.SerializeToString,
+                response_deserializer=stepstream_dot_v1_dot_trainer__pb2.JobSpecSchema.FromString,
+                _registered_method=True)
 
 
-class TrainerServiceServicer:
+class TrainerServiceServicer(object):
     """Submits, watches and manages training jobs.
     """
 
@@ -150,6 +155,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetJobSpecSchema(self, request, context):
+        """The JSON Schema every spec_json is validated against: editors complete and check job
+        files with it, and clients in any language can check a spec before sending it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +211,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     request_deserializer=stepstream_dot_v1_dot_trainer__pb2.ListCapabilitiesRequest.FromString,
                     response_serializer=stepstream_dot_v1_dot_trainer__pb2.Capabilities.SerializeToString,
             ),
+            'GetJobSpecSchema': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJobSpecSchema,
+                    request_deserializer=stepstream_dot_v1_dot_trainer__pb2.GetJobSpecSchemaRequest.FromString,
+                    response_serializer=stepstream_dot_v1_dot_trainer__pb2.JobSpecSchema.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'stepstream.v1.TrainerService', rpc_method_handlers)
@@ -206,7 +224,7 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class TrainerService:
+class TrainerService(object):
     """Submits, watches and manages training jobs.
     """
 
@@ -443,6 +461,33 @@ class TrainerService:
             '/stepstream.v1.TrainerService/ListCapabilities',
             stepstream_dot_v1_dot_trainer__pb2.ListCapabilitiesRequest.SerializeToString,
             stepstream_dot_v1_dot_trainer__pb2.Capabilities.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJobSpecSchema(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepstream.v1.TrainerService/GetJobSpecSchema',
+            stepstream_dot_v1_dot_trainer__pb2.GetJobSpecSchemaRequest.SerializeToString,
+            stepstream_dot_v1_dot_trainer__pb2.JobSpecSchema.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,8 +23,8 @@ from stepstream.kernel.events import (
     LogEvent,
     ResultEvent,
     StepEvent,
-    TrainingFailure,
 )
+from stepstream.kernel.failures import Failure
 from stepstream.kernel.spec import JobSpec
 from stepstream_service.engine import datasets, models
 from stepstream_service.engine.datasets import Data, DataPaths
@@ -48,7 +48,7 @@ _MAXIMISED = ("accuracy", "auc", "precision", "recall", "r2_score", "cosine_simi
 class _Outcome:
     outcome: str = "succeeded"
     stop_reason: str = "completed"
-    failure: TrainingFailure | None = None
+    failure: Failure | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
@@ -344,7 +344,7 @@ class _Run:
                 if not _out_of_memory(exc):
                     raise
                 outcome.outcome, outcome.stop_reason = "failed", "out_of_memory"
-                outcome.failure = TrainingFailure(
+                outcome.failure = Failure(
                     "out_of_memory",
                     f"out of memory at step {stream.step + 1} (batch_size "
                     f"{self.spec.training.batch_size}); use a smaller batch or model",
@@ -371,7 +371,7 @@ class _Run:
             final_eval=outcome.last_eval,
             model_path=model_path,
             failure=outcome.failure,
-            duration_s=time.monotonic() - self.started,
+            duration_seconds=time.monotonic() - self.started,
             time=time.time(),
         )
 
@@ -464,7 +464,7 @@ class _StepStream(keras.callbacks.Callback):
                 self._stop(
                     "failed",
                     "non_finite_loss",
-                    TrainingFailure(
+                    Failure(
                         "non_finite_loss",
                         f"loss became {loss} at step {step}; lower the learning rate or check "
                         "the data",
@@ -491,7 +491,7 @@ class _StepStream(keras.callbacks.Callback):
             self._stop(
                 "failed",
                 "max_duration_exceeded",
-                TrainingFailure(
+                Failure(
                     "max_duration_exceeded",
                     f"ran past training.max_duration ({t.max_duration:g} s) at step {step}",
                     step,
@@ -529,7 +529,7 @@ class _StepStream(keras.callbacks.Callback):
                     self.run.log("early stopping at step %d: %s stopped improving", step, name)
                     self._stop("succeeded", "early_stopping")
 
-    def _stop(self, outcome: str, reason: str, failure: TrainingFailure | None = None) -> None:
+    def _stop(self, outcome: str, reason: str, failure: Failure | None = None) -> None:
         self.outcome.outcome, self.outcome.stop_reason = outcome, reason
         self.outcome.failure = failure
         self.model.stop_training = True

@@ -11,9 +11,10 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from stepstream.kernel.states import TERMINAL
+
 _JOB = ("job_id", "name")
 # Series that exist from the start, at 0, so the first failure of a kind shows in increase().
-_TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 _REASONS = (
     "non_finite_loss",
     "max_duration_exceeded",
@@ -37,7 +38,13 @@ class Metrics:
         )
         self.job_accuracy = Gauge(
             "trainer_job_accuracy",
-            "Batch accuracy (mae for regression) of the last step.",
+            "Batch accuracy of the last step (classification jobs).",
+            _JOB,
+            registry=registry,
+        )
+        self.job_mae = Gauge(
+            "trainer_job_mae",
+            "Batch mean absolute error of the last step (regression jobs).",
             _JOB,
             registry=registry,
         )
@@ -91,8 +98,8 @@ class Metrics:
         self.workers = Gauge(
             "trainer_workers", "Worker processes by status.", ("status",), registry=registry
         )
-        for state in _TERMINAL:
-            self.completions.labels(state)
+        for state in TERMINAL:
+            self.completions.labels(state.value)
         for reason in _REASONS:
             self.failures.labels(reason)
         self._ended: dict[tuple[str, str], float] = {}
@@ -104,12 +111,15 @@ class Metrics:
         step: int,
         loss: float,
         accuracy: float | None,
+        mae: float | None,
         steps_per_second: float,
     ) -> None:
         self.job_step.labels(job_id, name).set(step)
         self.job_loss.labels(job_id, name).set(loss)
         if accuracy is not None:
             self.job_accuracy.labels(job_id, name).set(accuracy)
+        if mae is not None:
+            self.job_mae.labels(job_id, name).set(mae)
         self.job_steps_per_second.labels(job_id, name).set(steps_per_second)
 
     def job_ended(self, job_id: str, name: str) -> None:
@@ -123,6 +133,7 @@ class Metrics:
                 for gauge in (
                     self.job_loss,
                     self.job_accuracy,
+                    self.job_mae,
                     self.job_step,
                     self.job_steps_per_second,
                 ):

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from stepstream.v1 import trainer_pb2, trainer_pb2_grpc
 from stepstream_service.api.auth import Auth, TokenTable, is_loopback, server_credentials
-from stepstream_service.api.servicer import DecodeGuard, TrainerServicer
+from stepstream_service.api.interceptors import DecodeGuard
+from stepstream_service.api.servicer import TrainerServicer
 from stepstream_service.config import WORKER_RETIRED, Settings
 from stepstream_service.runtime.metrics import Metrics, WorkerHostMetrics
 from stepstream_service.runtime.priority import yield_cpu

@@ -12,9 +12,11 @@ import logging
 import threading
 from collections import defaultdict, deque
 
+from stepstream.kernel.events import StateEvent, from_payload
+from stepstream.kernel.states import TERMINAL, JobState
 from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.priority import yield_cpu
-from stepstream_service.store.jobs import EVENTS_CHANNEL, TERMINAL, EventRow, JobState, Store
+from stepstream_service.store.jobs import EVENTS_CHANNEL, EventRow, Store
 from stepstream_service.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
@@ -182,23 +184,29 @@ class EventTail:
         if steps:
             name = self._name(job_id)
             last = steps[-1].payload
-            value = last.get("accuracy") if last.get("accuracy") is not None else last.get("mae")
             self.metrics.job_progress(
-                job_id, name, last["step"], last["loss"], value, last["steps_per_second"]
+                job_id,
+                name,
+                last["step"],
+                last["loss"],
+                last.get("accuracy"),
+                last.get("mae"),
+                last["steps_per_second"],
             )
             if last["steps_per_second"] > 0:  # one sample per poll: a window's step time
                 self.metrics.step_time.observe(1.0 / last["steps_per_second"])
         for r in rows:
             if r.kind != "state":
                 continue
-            state = JobState(r.payload["state"])
-            if state == JobState.QUEUED and r.payload.get("attempt", 0) > 0:
+            change = from_payload(r.kind, r.payload)
+            assert isinstance(change, StateEvent)
+            state = change.state
+            if state == JobState.QUEUED and change.attempt > 0:
                 self.metrics.retries.inc()
             if state in TERMINAL:
                 self.metrics.completions.labels(state.value).inc()
-                error = r.payload.get("error")
-                if state == JobState.FAILED and error:
-                    self.metrics.failures.labels(error["reason"]).inc()
+                if state == JobState.FAILED and change.failure:
+                    self.metrics.failures.labels(change.failure.reason).inc()
                 self._timings(job_id)
                 self.metrics.job_ended(job_id, self._name(job_id))
                 self.names.pop(job_id, None)  # a long-lived server sees many jobs

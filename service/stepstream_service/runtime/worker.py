@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy.exc
 
 from stepstream.kernel.events import Event, ResultEvent
+from stepstream.kernel.failures import Failure
 from stepstream.kernel.spec import JobSpec, SpecError
 from stepstream_service.config import WORKER_RETIRED, Settings
 from stepstream_service.engine.datasets import DataPaths
@@ -37,23 +38,6 @@ log = logging.getLogger(__name__)
 # The database is restarting or unreachable: what the worker has is kept and written later.
 STORE_DOWN = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-_SKIP = {"kind", "time", "seq"}
-_FIELDS: dict[type, tuple[str, ...]] = {}
-
-
-def event_payload(event: Event) -> dict[str, Any]:
-    """The event's fields as JSON-ready values (dataclasses.asdict is slow on the hot path)."""
-    names = _FIELDS.get(type(event))
-    if names is None:
-        names = _FIELDS[type(event)] = tuple(
-            f.name for f in dataclasses.fields(event) if f.name not in _SKIP
-        )
-    payload = {name: getattr(event, name) for name in names}
-    if payload.get("failure") is not None:
-        payload["failure"] = dataclasses.asdict(payload["failure"])
-    return payload
 
 
 class _JobRun:
@@ -136,7 +120,7 @@ class _JobRun:
                 self.writing = True
             try:
                 self.worker.store.append_events(
-                    self.job.id, self.worker.id, [_stored(e) for e in batch], _progress(batch)
+                    self.job.id, self.worker.id, [NewEvent.of(e) for e in batch], _progress(batch)
                 )
                 batch, self.store_down = [], False
             except LeaseLost:
@@ -177,16 +161,16 @@ def resident_mib() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
 
 
-def _stored(event: Event) -> NewEvent:
-    return NewEvent(event.kind, event_payload(event), event.time)
-
-
 def _progress(batch: list[Event]) -> dict[str, Any]:
     """The job row's live step, loss and accuracy: from the batch's last step event."""
     for event in reversed(batch):
         if event.kind == "step":
-            value = event.accuracy if event.accuracy is not None else event.mae
-            return {"step": event.step, "loss": event.loss, "accuracy": value}
+            return {
+                "step": event.step,
+                "loss": event.loss,
+                "accuracy": event.accuracy,
+                "mae": event.mae,
+            }
     return {}
 
 
@@ -340,9 +324,8 @@ class Worker:
                 # Stopped because this worker is shutting down: hand the job back.
                 self._finish_when_stored(job_id, JobState.QUEUED)
             else:
-                f = result.failure
-                error = (f.reason, f.message, f.step) if f else ("failed", result.stop_reason, None)
-                self._finish_when_stored(job_id, JobState.FAILED, error=error)
+                failure = result.failure or Failure("failed", result.stop_reason)
+                self._finish_when_stored(job_id, JobState.FAILED, failure=failure)
         except LeaseLost:
             log.warning("job %s: lease lost before the result was recorded", job_id)
         log.info(
@@ -357,8 +340,8 @@ class Worker:
         run.flush()
         log.warning("job %s: failed: %s: %s", run.job.id, reason, message)
         with contextlib.suppress(LeaseLost):
-            error = (reason, message, run.job.step or None)
-            self._finish_when_stored(run.job.id, JobState.FAILED, error=error)
+            failure = Failure(reason, message, run.job.step or None)
+            self._finish_when_stored(run.job.id, JobState.FAILED, failure=failure)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,27 +18,18 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 
+from stepstream.kernel.events import Event, StateEvent, to_payload
+from stepstream.kernel.failures import Failure
+from stepstream.kernel.states import TERMINAL, JobState
 from stepstream_service.errors import TrainerError
 from stepstream_service.store import schema
 from stepstream_service.store.schema import events, jobs, workers
 
-
-class JobState(str, Enum):
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLING = "CANCELLING"
-    CANCELLED = "CANCELLED"
-
-
-TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 _ALLOWED = {
     JobState.QUEUED: {JobState.RUNNING, JobState.CANCELLED, JobState.FAILED},
     # RUNNING -> QUEUED is a retry after the worker was lost.
@@ -105,6 +96,7 @@ class Job:
     total_steps: int
     loss: float | None
     accuracy: float | None
+    mae: float | None
     test_metrics: dict[str, float]
     model_path: str | None
     last_seq: int
@@ -115,6 +107,12 @@ class Job:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    @property
+    def failure(self) -> Failure | None:
+        if not self.error_reason:
+            return None
+        return Failure(self.error_reason, self.error_message or "", self.error_step)
 
     @classmethod
     def from_row(cls, row: Any) -> Job:
@@ -161,6 +159,10 @@ class NewEvent:
     kind: str
     payload: dict[str, Any]
     time: float = field(default_factory=time.time)
+
+    @classmethod
+    def of(cls, event: Event) -> NewEvent:
+        return cls(event.kind, to_payload(event), event.time)
 
 
 def new_job_id() -> str:
@@ -350,7 +352,7 @@ class Store:
                     tenant=tenant,
                 )
             )
-            self._append(conn, job_id, [_state_event(JobState.QUEUED, 0)])
+            self._append(conn, job_id, [NewEvent.of(StateEvent(JobState.QUEUED, 0, time.time()))])
             self._notify(conn, QUEUE_CHANNEL, job_id)
             return Job.from_row(
                 conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
@@ -428,7 +430,7 @@ class Store:
         to: JobState,
         *,
         held_by: str | None = None,
-        error: tuple[str, str, int | None] | None = None,
+        failure: Failure | None = None,
         **values: Any,
     ) -> None:
         """The one way a job changes state, inside the caller's transaction, which has read
@@ -444,8 +446,12 @@ class Store:
             values.update(finished_at=now, lease_owner=None, lease_expires_at=None)
         if to == JobState.QUEUED:
             values.update(queued_at=now, lease_owner=None, lease_expires_at=None)
-        if error is not None:
-            values.update(error_reason=error[0], error_message=error[1], error_step=error[2])
+        if failure is not None:
+            values.update(
+                error_reason=failure.reason,
+                error_message=failure.message,
+                error_step=failure.step,
+            )
         where = (jobs.c.id == job.id) & (jobs.c.state == job.state.value)
         if held_by is not None:
             where &= jobs.c.lease_owner == held_by
@@ -454,7 +460,8 @@ class Store:
             raise LeaseLost(f"job {job.id} is no longer held by {held_by}")
         if to == JobState.QUEUED:
             self._notify(conn, QUEUE_CHANNEL, job.id)
-        self._append(conn, job.id, [_state_event(to, values.get("attempts", job.attempts), error)])
+        attempt = values.get("attempts", job.attempts)
+        self._append(conn, job.id, [NewEvent.of(StateEvent(to, attempt, now, failure))])
 
     def cancel(self, job_id: str, tenant: str | None = None) -> Job:
         """QUEUED becomes CANCELLED at once; RUNNING becomes CANCELLING and its worker stops it."""
@@ -517,14 +524,14 @@ class Store:
         worker: str,
         to: JobState,
         *,
-        error: tuple[str, str, int | None] | None = None,
+        failure: Failure | None = None,
         **values: Any,
     ) -> None:
         with self.engine.begin() as conn:
             job = self._get(conn, job_id, lock=True)
             if job.state == JobState.CANCELLING and to == JobState.QUEUED:
                 to = JobState.CANCELLED  # a job being cancelled is not handed back to the queue
-            self.transition(conn, job, to, held_by=worker, error=error, **values)
+            self.transition(conn, job, to, held_by=worker, failure=failure, **values)
 
     def rescue(self, now: float | None = None) -> list[tuple[str, JobState]]:
         """Requeue (or fail, when attempts are used up) jobs whose lease expired.
@@ -548,13 +555,13 @@ class Store:
                     self.transition(conn, job, JobState.QUEUED)
                     acted.append((job.id, JobState.QUEUED))
                 else:
-                    error = (
+                    failure = Failure(
                         "worker_lost",
                         f"the worker running it stopped answering, {job.attempts} time(s); "
                         f"attempts used up ({job.max_attempts})",
                         job.step,
                     )
-                    self.transition(conn, job, JobState.FAILED, error=error)
+                    self.transition(conn, job, JobState.FAILED, failure=failure)
                     acted.append((job.id, JobState.FAILED))
         return acted
 
@@ -696,15 +703,6 @@ class Store:
             return conn.execute(
                 sa.select(sa.func.coalesce(sa.func.max(events.c.id), 0))
             ).scalar_one()
-
-
-def _state_event(
-    state: JobState, attempt: int, error: tuple[str, str, int | None] | None = None
-) -> NewEvent:
-    payload: dict[str, Any] = {"state": state.value, "attempt": attempt}
-    if error is not None:
-        payload["error"] = {"reason": error[0], "message": error[1], "step": error[2]}
-    return NewEvent("state", payload)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -55,6 +55,7 @@ jobs = sa.Table(
     sa.Column("total_steps", sa.BigInteger, nullable=False, default=0),
     sa.Column("loss", sa.Float),
     sa.Column("accuracy", sa.Float),
+    sa.Column("mae", sa.Float),
     sa.Column("test_metrics", sa.Text, nullable=False, default="{}"),
     sa.Column("model_path", sa.Text),
     sa.Column("last_seq", sa.BigInteger, nullable=False, default=0),

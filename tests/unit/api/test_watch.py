@@ -1,4 +1,4 @@
-"""The api module's pure parts: the error table, names, filters, downsampling, conversions."""
+"""api.watch: runs without holes, shared ticks, messages built once."""
 
 from __future__ import annotations
 
@@ -6,67 +6,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
-import sqlalchemy.exc
 
-from stepstream.kernel.spec import JobSpec, SpecError
 from stepstream.v1 import trainer_pb2 as pb
-from stepstream_service.api import servicer as api
-from stepstream_service.store.jobs import (
-    AlreadyExists,
-    EventRow,
-    JobFinished,
-    JobNotFound,
-    JobState,
-)
-
-
-@pytest.mark.parametrize(
-    ("exc", "code"),
-    [
-        (SpecError([]), grpc.StatusCode.INVALID_ARGUMENT),
-        (JobNotFound("x"), grpc.StatusCode.NOT_FOUND),
-        (AlreadyExists("x"), grpc.StatusCode.ALREADY_EXISTS),
-        (JobFinished("x"), grpc.StatusCode.FAILED_PRECONDITION),
-        (api.ResourceExhausted("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (api.Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
-        (sqlalchemy.exc.OperationalError("s", {}, Exception("down")), grpc.StatusCode.UNAVAILABLE),
-        (ZeroDivisionError(), grpc.StatusCode.INTERNAL),
-    ],
-)
-def test_error_table(exc, code):
-    assert api.status_for(exc) == code
-
-
-def test_job_names():
-    assert api.job_id_of("jobs/job-abc123") == "job-abc123" == api.job_id_of("job-abc123")
-    for bad in ("", "jobs/", "jobs/x", "job-XYZ", "jobs/job-1/../x"):
-        with pytest.raises(JobNotFound):
-            api.job_id_of(bad)
-
-
-def test_filters():
-    parsed = api.parse_filter("state=running label.team=vision AND name=seed")
-    assert parsed == {"states": [JobState.RUNNING], "labels": {"team": "vision"}, "name": "seed"}
-    with pytest.raises(api.InvalidArgument, match="valid: QUEUED"):
-        api.parse_filter("state=asleep")
-
-
-@pytest.mark.parametrize(("n", "k"), [(0, 5), (3, 5), (100, 10), (5001, 7), (10, 1)])
-def test_downsample_keeps_the_last_point_and_the_count(n, k):
-    picked = api.downsample(n, k)
-    assert len(picked) == min(n, k) and picked == sorted(set(picked))
-    if n:
-        assert picked[-1] == n - 1
-
-
-def test_spec_hash_ignores_spelling_but_not_content():
-    a = JobSpec.parse({"loss": "mse", "dataset": "linear", "model": "linear"})
-    b = JobSpec.parse({"loss": "mean_squared_error", "dataset": "linear", "model": "linear"})
-    c = JobSpec.parse({"loss": "mae", "dataset": "linear", "model": "linear"})
-    assert api.spec_hash(a, 0, 3) == api.spec_hash(b, 0, 3) != api.spec_hash(c, 0, 3)
-    assert api.spec_hash(a, 0, 3) != api.spec_hash(a, 1, 3)
+from stepstream_service.api import watch as api
+from stepstream_service.store.jobs import EventRow
 
 
 def test_event_conversion():
@@ -86,10 +30,10 @@ def test_event_conversion():
         },
         1000.5,
     )
-    ev = api.event_to_proto(row)
+    ev = api.row_to_proto(row)
     assert ev.seq == 4 and ev.step.step == 7 and not ev.step.HasField("accuracy")
     assert ev.step.mae == pytest.approx(0.1) and ev.time.seconds == 1000
-    state = api.event_to_proto(
+    state = api.row_to_proto(
         EventRow(
             2,
             "job-1",
@@ -103,7 +47,9 @@ def test_event_conversion():
             1.0,
         )
     )
-    assert state.state_change.state == pb.FAILED and state.state_change.error.step == 3
+    # A row written before the failure had one shape still reads (its key was "error").
+    assert state.state_change.state == pb.JOB_STATE_FAILED
+    assert state.state_change.failure.step == 3
     assert api.is_terminal(EventRow(3, "job-1", 6, "state", {"state": "CANCELLED"}, 1.0))
 
 
@@ -154,7 +100,7 @@ def test_watchers_waking_together_build_a_message_once(monkeypatch):
         time.sleep(0.001)  # long enough for every thread to arrive while the first builds
         return pb.JobEvent(seq=row.seq)
 
-    monkeypatch.setattr(api, "event_to_proto", slow_event_to_proto)
+    monkeypatch.setattr(api, "row_to_proto", slow_event_to_proto)
     rows = [
         EventRow(id=i, job_id="job-x", seq=i, kind="log", payload={}, time=0.0) for i in (1, 2, 3)
     ]
@@ -177,7 +123,7 @@ def test_runs_that_overlap_convert_each_event_once(monkeypatch):
         built.append(row.id)
         return pb.JobEvent(seq=row.seq)
 
-    monkeypatch.setattr(api, "event_to_proto", counting_event_to_proto)
+    monkeypatch.setattr(api, "row_to_proto", counting_event_to_proto)
     rows = [
         EventRow(id=i, job_id="job-x", seq=i, kind="log", payload={}, time=0.0) for i in range(1, 7)
     ]

@@ -1,0 +1,236 @@
+"""The `trainer` command's server side: serve, worker, migrate, token, prune, and train (a job
+run here, without a server). The client's CLI adds them through the `stepstream.commands`
+entry point; everything heavy is imported when a command runs, so a client-only install
+still lists them and says what to install."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from stepstream.cli import ProgressBar, print_event
+from stepstream.kernel.events import Event
+from stepstream.kernel.spec import load_spec
+
+
+def register(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command("train", train_here, "run a job file on this machine with a progress bar", False)
+    p.add_argument("file")
+    p.add_argument("--workdir", default="runs", help="where models and checkpoints go")
+    p.add_argument("--data-dir", default=None, help="looked in first for datasets")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    p = command("serve", _serve, "run the server, its workers and the metrics port", False)
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--metrics-port", type=int, default=None)
+    _store_flags(p)
+    p = command("worker", _worker, "run this machine's workers against a shared store", False)
+    _store_flags(p)
+    p.add_argument("--host", default=None, help="where the metrics port listens")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics, if set")
+    p = command("token", _token, "make a bearer token for a tenant", remote=False)
+    p.add_argument("tenant")
+    p = command("prune", _prune, "delete finished jobs by age or count (never live ones)", False)
+    p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--artifacts", default=None)
+    p.add_argument("--older-than-days", type=float, default=None)
+    p.add_argument("--keep", type=int, default=None, help="keep the newest N finished jobs")
+    p = command("migrate", _migrate, "create or upgrade the store's schema", False)
+    p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", default=None)
+
+
+def train_here(args: argparse.Namespace) -> int:
+    spec = load_spec(args.file)
+    from stepstream_service.engine.datasets import DataPaths
+    from stepstream_service.engine.trainer import train
+    from stepstream_service.errors import TrainerError
+
+    bar = ProgressBar(spec.training.steps or 0)
+
+    def emit(event: Event) -> None:
+        print_event(event, bar, spec)
+
+    paths = DataPaths(data_dir=Path(args.data_dir) if args.data_dir else None)
+    workdir = Path(args.workdir) / spec.name
+    try:
+        result = train(spec, emit, workdir=workdir, paths=paths, resume=args.resume)
+    except TrainerError as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted", file=sys.stderr)
+        return 130
+    bar.close()
+    if result.outcome == "succeeded":
+        test = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items())
+        print(
+            f"{spec.name}: succeeded after {result.steps} steps in {result.duration_seconds:.1f} s "
+            f"({result.stop_reason}); test {test or 'n/a'}; model {result.model_path}"
+        )
+        return 0
+    failure = result.failure.message if result.failure else result.stop_reason
+    print(f"{spec.name}: {result.outcome}: {failure}", file=sys.stderr)
+    return 1
+
+
+def _service_settings(args: argparse.Namespace):
+    from stepstream_service.config import Settings
+
+    given = {k: getattr(args, k, None) for k in _SERVICE_FLAGS}
+    return Settings(**{k: v for k, v in given.items() if v is not None})
+
+
+_SERVICE_FLAGS = (
+    "port",
+    "metrics_port",
+    "workers",
+    "gpus",
+    "store",
+    "data_dir",
+    "host",
+    "artifacts",
+)
+
+
+def _until_signalled() -> None:
+    import signal
+    import threading
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from stepstream_service.runtime.server import Server
+    from stepstream_service.store.schema import SchemaError
+
+    settings = _service_settings(args)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        server = Server(settings)
+    except SchemaError as exc:
+        print(f"trainer serve: {exc}", file=sys.stderr)
+        return 5
+    server.start()
+    workers = len(server.supervisor.slots) if server.supervisor else 0
+    store = _safe(settings.store_url)
+    print(
+        f"trainer serve: grpc {server.host}:{server.port} metrics "
+        f"{server.host}:{server.metrics_port} workers {workers} store {store}; "
+        f"{server.describe}",
+        flush=True,
+    )
+    _until_signalled()
+    server.stop()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    """Workers on this machine joining the pool of a shared store: one per GPU, or N."""
+    from stepstream_service.runtime.server import Supervisor
+    from stepstream_service.store.jobs import Store
+    from stepstream_service.store.schema import SchemaError
+
+    settings = _service_settings(args)
+    logging.getLogger().setLevel(logging.INFO)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        Store(settings.store_url).close()  # refuse a schema this version does not know, now
+    except SchemaError as exc:
+        print(f"trainer worker: {exc}", file=sys.stderr)
+        return 5
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from stepstream_service.runtime.metrics import WorkerHostMetrics
+
+    registry = CollectorRegistry()
+    supervisor = Supervisor(settings, WorkerHostMetrics(registry))
+    http = None
+    if args.metrics_port is not None:
+        http, _ = start_http_server(args.metrics_port, addr=settings.host, registry=registry)
+    supervisor.start()
+    slots = ", ".join(slot for slot, _ in supervisor.slots)
+    metrics = f" metrics {settings.host}:{http.server_port}" if http else ""
+    print(f"trainer worker: {slots}{metrics} store {_safe(settings.store_url)}", flush=True)
+    _until_signalled()
+    supervisor.stop(grace=settings.grace_seconds)
+    if http:
+        http.shutdown()
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    """A new random token: the client keeps the token, the server's tokens file the digest."""
+    from stepstream_service.api.auth import digest, new_token
+
+    token = new_token()
+    print(f"token (give it to {args.tenant}; it is shown once): {token}")
+    print(f"line for the server's tokens file:\n{args.tenant} {digest(token)}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import time
+
+    from stepstream_service.store.retention import prune
+
+    if args.older_than_days is None and args.keep is None:
+        print("trainer prune: say --older-than-days D and/or --keep N", file=sys.stderr)
+        return 2
+    settings = _service_settings(args)
+    before = time.time() - args.older_than_days * 86400 if args.older_than_days else None
+    removed = prune(settings, finished_before=before, keep_last=args.keep)
+    print(f"deleted {len(removed)} finished job(s) with their events and artifacts")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    from stepstream_service.store import schema
+    from stepstream_service.store.jobs import engine_url
+
+    settings = _service_settings(args)
+    if settings.store is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(engine_url(settings.store_url))
+    try:
+        before, after = schema.upgrade(engine)
+    except schema.SchemaError as exc:
+        print(f"trainer migrate: {exc}", file=sys.stderr)
+        return 5
+    finally:
+        engine.dispose()
+    where = _safe(settings.store_url)
+    if before == after:
+        print(f"{where}: already at schema revision {after}")
+    else:
+        print(f"{where}: schema revision {before or 'none'} -> {after}")
+    return 0
+
+
+def _safe(url: str) -> str:
+    """The URL with any password hidden, for printing."""
+    import sqlalchemy as sa
+
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+def _store_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=None, help="CPU workers when no GPU is used")
+    p.add_argument("--gpus", default=None, help="all, none, or a list like 0,1")
+    p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument(
+        "--artifacts", default=None, help="models and checkpoints: a folder or fsspec URL"
+    )
