@@ -13,6 +13,7 @@ import base64
 import contextlib
 import copy
 import ipaddress
+import json
 import math
 import os
 import re
@@ -28,7 +29,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -149,10 +149,8 @@ def outcome(call: Callable[[], Any]) -> tuple[grpc.StatusCode, Any]:
         return exc.code(), exc.details()
 
 
-def struct(data: dict) -> struct_pb2.Struct:
-    out = struct_pb2.Struct()
-    out.update(data)
-    return out
+def spec_json(data: dict) -> str:
+    return json.dumps(data)
 
 
 def every_rpc(stub, name: str, md) -> dict[str, Callable[[], Any]]:
@@ -165,7 +163,7 @@ def every_rpc(stub, name: str, md) -> dict[str, Callable[[], Any]]:
     t = 10
     return {
         "CreateJob": lambda: stub.CreateJob(
-            pb.CreateJobRequest(spec=struct(classes(20, "probe"))), metadata=md, timeout=t
+            pb.CreateJobRequest(spec_json=spec_json(classes(20, "probe"))), metadata=md, timeout=t
         ),
         "GetJob": lambda: stub.GetJob(pb.GetJobRequest(name=name), metadata=md, timeout=t),
         "ListJobs": lambda: stub.ListJobs(pb.ListJobsRequest(), metadata=md, timeout=t),
@@ -485,8 +483,12 @@ def test_queued_limit_holds_under_concurrent_submits(request, limited, tokens):
 def test_concurrent_streams_per_tenant_are_limited(guarded, tokens, raw):
     stub = raw(guarded)
     alice, bob = bearer(tokens.alice), bearer(tokens.bob)
-    mine = stub.CreateJob(pb.CreateJobRequest(spec=struct(classes(20, "watched"))), metadata=alice)
-    theirs = stub.CreateJob(pb.CreateJobRequest(spec=struct(classes(20, "w"))), metadata=bob)
+    mine = stub.CreateJob(
+        pb.CreateJobRequest(spec_json=spec_json(classes(20, "watched"))), metadata=alice
+    )
+    theirs = stub.CreateJob(
+        pb.CreateJobRequest(spec_json=spec_json(classes(20, "w"))), metadata=bob
+    )
     streams = []
 
     def watch(name: str, md) -> Any:
@@ -574,7 +576,9 @@ def test_a_request_over_max_message_bytes_is_refused(guarded, tokens, raw):
     spec["labels"] = {"padding": "x" * (300 * 1024)}
     err = failure(
         lambda: stub.CreateJob(
-            pb.CreateJobRequest(spec=struct(spec)), metadata=bearer(tokens.alice), timeout=10
+            pb.CreateJobRequest(spec_json=spec_json(spec)),
+            metadata=bearer(tokens.alice),
+            timeout=10,
         )
     )
     assert err.code() == Code.RESOURCE_EXHAUSTED, err.details()
@@ -738,7 +742,7 @@ def test_fuzzed_create_job(limited, tokens, raw, spec, request_id, priority, att
     stub = raw(limited)
     md = bearer(tokens.bob)
     request = pb.CreateJobRequest(
-        spec=struct(spec), request_id=request_id, priority=priority, max_attempts=attempts
+        spec_json=spec_json(spec), request_id=request_id, priority=priority, max_attempts=attempts
     )
     code, answer = outcome(lambda: stub.CreateJob(request, metadata=md, timeout=10))
     if code == Code.OK:
@@ -760,7 +764,7 @@ def test_metrics_that_are_no_list_are_invalid_argument(guarded, tokens, raw, met
     spec = classes(20, "metrics") | {"metrics": metrics}
     err = failure(
         lambda: raw(guarded).CreateJob(
-            pb.CreateJobRequest(spec=struct(spec)), metadata=bearer(tokens.bob), timeout=10
+            pb.CreateJobRequest(spec_json=spec_json(spec)), metadata=bearer(tokens.bob), timeout=10
         )
     )
     assert err.code() == Code.INVALID_ARGUMENT, err.details()
@@ -905,8 +909,12 @@ def test_one_tenants_streams_do_not_starve_another(request, tmp_path_factory, to
     with serving(request, tmp_path_factory, "sqlite", tokens_file=tokens.file) as svc:
         channel, stub = stub_of(svc)
         alice, bob = bearer(tokens.alice), bearer(tokens.bob)
-        job = stub.CreateJob(pb.CreateJobRequest(spec=struct(classes(20, "w"))), metadata=alice)
-        theirs = stub.CreateJob(pb.CreateJobRequest(spec=struct(classes(20, "b"))), metadata=bob)
+        job = stub.CreateJob(
+            pb.CreateJobRequest(spec_json=spec_json(classes(20, "w"))), metadata=alice
+        )
+        theirs = stub.CreateJob(
+            pb.CreateJobRequest(spec_json=spec_json(classes(20, "b"))), metadata=bob
+        )
         streams = []
         try:
             for _ in range(80):  # well within the default allowance of 200

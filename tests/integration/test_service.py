@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.request
@@ -10,7 +11,6 @@ import grpc
 import keras
 import numpy as np
 import pytest
-from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stepstream.client import TrainingClient
@@ -208,29 +208,29 @@ def raw_stub(service):
     return channel, trainer_pb2_grpc.TrainerServiceStub(channel)
 
 
-def struct(data: dict) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(data)
-    return s
+def spec_json(data: dict) -> str:
+    return json.dumps(data)
 
 
 @pytest.mark.parametrize(
     ("call", "code", "phrase"),
     [
         (
-            lambda s: s.CreateJob(pb.CreateJobRequest(spec=struct({"loss": "nope"}))),
+            lambda s: s.CreateJob(pb.CreateJobRequest(spec_json=spec_json({"loss": "nope"}))),
             grpc.StatusCode.INVALID_ARGUMENT,
             "loss.name",
         ),
         (
             lambda s: s.CreateJob(
-                pb.CreateJobRequest(spec=struct({"training": {"batch_size": -1}}))
+                pb.CreateJobRequest(spec_json=spec_json({"training": {"batch_size": -1}}))
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "training.batch_size",
         ),
         (
-            lambda s: s.CreateJob(pb.CreateJobRequest(spec=struct({}), priority=5000)),
+            lambda s: s.CreateJob(
+                pb.CreateJobRequest(spec_json=spec_json({"dataset": "linear"}), priority=5000)
+            ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "priority",
         ),
@@ -239,7 +239,26 @@ def struct(data: dict) -> struct_pb2.Struct:
             grpc.StatusCode.NOT_FOUND,
             "job-0123456789abcdef0123",
         ),
-        (lambda s: s.GetJob(pb.GetJobRequest(name="nonsense")), grpc.StatusCode.NOT_FOUND, "names"),
+        (
+            lambda s: s.GetJob(pb.GetJobRequest(name="nonsense")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "no job name",
+        ),
+        (
+            lambda s: s.CreateJob(pb.CreateJobRequest(spec_json=spec_json({}))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "the spec is empty",
+        ),
+        (
+            lambda s: s.CreateJob(pb.CreateJobRequest(spec_json=spec_json({"colour": "red"}))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "colour: unknown field",
+        ),
+        (
+            lambda s: s.CreateJob(pb.CreateJobRequest()),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "spec_json: required",
+        ),
         (
             lambda s: s.ListJobs(pb.ListJobsRequest(filter="colour=blue")),
             grpc.StatusCode.INVALID_ARGUMENT,
