@@ -288,7 +288,7 @@ class Submitter:
 
 
 def tally(store_url: str, names: list[str], long_jobs: list[str]) -> dict:
-    from stepstream_service.store.jobs import Store
+    from stepstream_service.store import Store
 
     store = Store(store_url, create=False)
     try:

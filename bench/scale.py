@@ -80,7 +80,7 @@ def latencies(engine: str, folder: Path, jobs: int) -> tuple[list[float], list[f
 
 
 def _claimer(url: str, name: str, start, out) -> None:
-    from stepstream_service.store.jobs import JobState, Store
+    from stepstream_service.store import JobState, Store
 
     store = Store(url)
     start.wait()
@@ -93,7 +93,7 @@ def _claimer(url: str, name: str, start, out) -> None:
 
 
 def claim_rate(engine: str, folder: Path, jobs: int, workers: int = 8) -> float:
-    from stepstream_service.store.jobs import JobState, Store
+    from stepstream_service.store import JobState, Store
 
     db = Database(engine, folder)
     try:

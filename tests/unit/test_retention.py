@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from stepstream_service.config import Settings
+from stepstream_service.store import JobState, Store
 from stepstream_service.store.artifacts import ArtifactStore
-from stepstream_service.store.jobs import JobState, Store
 from stepstream_service.store.retention import prune
 
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from stepstream_service.store import schema
-from stepstream_service.store.jobs import Store, engine_url
+from stepstream_service.store import Store, engine_url, schema
 from tests.conftest import ENGINES
 
 

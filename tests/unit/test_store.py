@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from stepstream_service.store.jobs import (
+from stepstream_service.store import (
     AlreadyExists,
     JobFinished,
     JobNotFound,
@@ -276,7 +276,7 @@ def test_a_request_id_is_unique_within_a_tenant_only(store):
 
 
 def test_a_tenant_may_queue_only_so_many_jobs(store):
-    from stepstream_service.store.jobs import QueueFull
+    from stepstream_service.store import QueueFull
 
     for i in range(2):
         store.create_job(name=f"q{i}", spec={}, spec_hash="h", labels={}, tenant="t", max_queued=2)

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.tail import BUFFER_LIMIT, RECENT_LIMIT, EventTail
-from stepstream_service.store.jobs import JobState, NewEvent, Store
+from stepstream_service.store import JobState, NewEvent, Store
 
 
 class CountingStore(Store):

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from stepstream.kernel.events import LogEvent, StepEvent
 from stepstream_service.config import Settings
 from stepstream_service.runtime.worker import Worker, _JobRun
-from stepstream_service.store.jobs import Store
+from stepstream_service.store import Store
 from tests.conftest import ENGINES
 
 

@@ -12,7 +12,7 @@ from stepstream.kernel.states import JobState
 from stepstream.kernel.wire import failure_to_proto, state_to_proto, timestamp
 from stepstream.v1 import trainer_pb2 as pb
 from stepstream_service.api.errors import InvalidArgument
-from stepstream_service.store.jobs import Job
+from stepstream_service.store import Job
 
 _JOB_NAME = re.compile(r"(?:jobs/)?(job-[0-9a-f]{1,40})")
 _FILTER_TERM = re.compile(r"^(state|name|label\.[A-Za-z0-9_.-]+)=([^\s\x00]+)$")

@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 from stepstream.kernel.spec import SpecError
 from stepstream_service.api.auth import Unauthenticated
 from stepstream_service.errors import TrainerError
-from stepstream_service.store.jobs import AlreadyExists, JobFinished, JobNotFound, QueueFull
+from stepstream_service.store import AlreadyExists, JobFinished, JobNotFound, QueueFull
 
 log = logging.getLogger(__name__)
 DOMAIN = "stepstream"

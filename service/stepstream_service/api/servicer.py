@@ -41,8 +41,8 @@ from stepstream_service.api.watch import (
 from stepstream_service.config import Settings
 from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.tail import EventTail
+from stepstream_service.store import Job, JobFinished, Store
 from stepstream_service.store.artifacts import ArtifactStore
-from stepstream_service.store.jobs import Job, JobFinished, Store
 
 log = logging.getLogger(__name__)
 

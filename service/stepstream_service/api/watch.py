@@ -11,7 +11,7 @@ from stepstream.kernel.events import from_payload
 from stepstream.kernel.states import TERMINAL, JobState
 from stepstream.kernel.wire import event_to_proto
 from stepstream.v1 import trainer_pb2 as pb
-from stepstream_service.store.jobs import EventRow
+from stepstream_service.store import EventRow
 
 # Seconds between one watcher's messages, per watcher of the job: a job's watchers together
 # get about 50 messages a second however many they are. Each message costs the server a thread

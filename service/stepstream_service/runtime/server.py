@@ -25,8 +25,8 @@ from stepstream_service.config import WORKER_RETIRED, Settings
 from stepstream_service.runtime.metrics import Metrics, WorkerHostMetrics
 from stepstream_service.runtime.priority import yield_cpu
 from stepstream_service.runtime.tail import EventTail
+from stepstream_service.store import EVENTS_CHANNEL, Store
 from stepstream_service.store.artifacts import ArtifactStore
-from stepstream_service.store.jobs import EVENTS_CHANNEL, Store
 from stepstream_service.store.retention import policy_cutoff, prune
 from stepstream_service.store.wakeups import Wakeups
 

@@ -16,7 +16,7 @@ from stepstream.kernel.events import StateEvent, from_payload
 from stepstream.kernel.states import TERMINAL, JobState
 from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.priority import yield_cpu
-from stepstream_service.store.jobs import EVENTS_CHANNEL, EventRow, Store
+from stepstream_service.store import EVENTS_CHANNEL, EventRow, Store
 from stepstream_service.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ from stepstream.kernel.spec import JobSpec, SpecError
 from stepstream_service.config import WORKER_RETIRED, Settings
 from stepstream_service.engine.datasets import DataPaths
 from stepstream_service.errors import TrainerError
+from stepstream_service.store import QUEUE_CHANNEL, Job, JobState, LeaseLost, NewEvent, Store
 from stepstream_service.store.artifacts import ArtifactStore, pull_checkpoint, push_checkpoint
-from stepstream_service.store.jobs import QUEUE_CHANNEL, Job, JobState, LeaseLost, NewEvent, Store
 from stepstream_service.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)

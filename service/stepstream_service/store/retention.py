@@ -8,8 +8,8 @@ import shutil
 import time
 
 from stepstream_service.config import Settings
+from stepstream_service.store import Store
 from stepstream_service.store.artifacts import ArtifactStore
-from stepstream_service.store.jobs import Store
 
 log = logging.getLogger(__name__)
 

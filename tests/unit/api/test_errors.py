@@ -8,7 +8,7 @@ import sqlalchemy.exc
 
 from stepstream.kernel.spec import SpecError
 from stepstream_service.api import errors as api
-from stepstream_service.store.jobs import AlreadyExists, JobFinished, JobNotFound
+from stepstream_service.store import AlreadyExists, JobFinished, JobNotFound
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 
 from stepstream.v1 import trainer_pb2 as pb
 from stepstream_service.api import watch as api
-from stepstream_service.store.jobs import EventRow
+from stepstream_service.store import EventRow
 
 
 def test_event_conversion():

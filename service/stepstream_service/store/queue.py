@@ -1,0 +1,107 @@
+"""The queue on top of the jobs table: claims, leases and their renewal, finishing, and the
+rescue of jobs whose worker stopped answering."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from stepstream.kernel.failures import Failure
+from stepstream.kernel.states import JobState
+from stepstream_service.store.errors import LeaseLost
+from stepstream_service.store.jobs import Job, Jobs
+from stepstream_service.store.schema import jobs, workers
+
+
+class Queue(Jobs):
+    """Workers take jobs from here, highest priority and oldest first."""
+
+    def claim(self, worker: str, lease_seconds: float, *, gpus: int = 0) -> Job | None:
+        """Take the highest-priority, oldest queued job this worker can run, and lease it.
+
+        On PostgreSQL, rows another claimer holds are skipped (FOR UPDATE SKIP LOCKED), so many
+        workers claim different jobs at once without waiting for each other.
+        """
+        query = sa.select(jobs).where(jobs.c.state == JobState.QUEUED.value)
+        if gpus == 0:
+            query = query.where(jobs.c.needs != "gpu")
+        query = query.order_by(jobs.c.priority.desc(), jobs.c.queued_at, jobs.c.id).limit(1)
+        with self.engine.begin() as conn:
+            row = conn.execute(self._locked(query, skip_locked=True)).first()
+            if row is None:
+                return None
+            job = Job.from_row(row)
+            self.transition(
+                conn,
+                job,
+                JobState.RUNNING,
+                lease_owner=worker,
+                worker=worker,
+                lease_expires_at=time.time() + lease_seconds,
+                attempts=job.attempts + 1,
+            )
+            return self._get(conn, job.id)
+
+    def heartbeat(self, job_id: str, worker: str, lease_seconds: float) -> bool:
+        """Extend the lease; True when the job should stop (cancel requested)."""
+        with self.engine.begin() as conn:
+            now = time.time()
+            cancel = conn.execute(
+                jobs.update()
+                .where((jobs.c.id == job_id) & (jobs.c.lease_owner == worker))
+                .values(lease_expires_at=now + lease_seconds)
+                .returning(jobs.c.cancel_requested)
+            ).scalar_one_or_none()
+            if cancel is None:
+                raise LeaseLost(f"job {job_id} is no longer held by {worker}")
+            conn.execute(workers.update().where(workers.c.id == worker).values(seen_at=now))
+            return bool(cancel)
+
+    def finish(
+        self,
+        job_id: str,
+        worker: str,
+        to: JobState,
+        *,
+        failure: Failure | None = None,
+        **values: Any,
+    ) -> None:
+        with self.engine.begin() as conn:
+            job = self._get(conn, job_id, lock=True)
+            if job.state == JobState.CANCELLING and to == JobState.QUEUED:
+                to = JobState.CANCELLED  # a job being cancelled is not handed back to the queue
+            self.transition(conn, job, to, held_by=worker, failure=failure, **values)
+
+    def rescue(self, now: float | None = None) -> list[tuple[str, JobState]]:
+        """Requeue (or fail, when attempts are used up) jobs whose lease expired.
+
+        Every server replica runs this; a row another rescuer (or the job's own worker) holds
+        is skipped, and the expiry is checked again on the locked row.
+        """
+        now = time.time() if now is None else now
+        acted = []
+        query = sa.select(jobs).where(
+            jobs.c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value])
+            & (jobs.c.lease_expires_at < now)
+        )
+        with self.engine.begin() as conn:
+            for row in conn.execute(self._locked(query, skip_locked=True)).all():
+                job = Job.from_row(row)
+                if job.state == JobState.CANCELLING:
+                    self.transition(conn, job, JobState.CANCELLED)
+                    acted.append((job.id, JobState.CANCELLED))
+                elif job.attempts < job.max_attempts:
+                    self.transition(conn, job, JobState.QUEUED)
+                    acted.append((job.id, JobState.QUEUED))
+                else:
+                    failure = Failure(
+                        "worker_lost",
+                        f"the worker running it stopped answering, {job.attempts} time(s); "
+                        f"attempts used up ({job.max_attempts})",
+                        job.step,
+                    )
+                    self.transition(conn, job, JobState.FAILED, failure=failure)
+                    acted.append((job.id, JobState.FAILED))
+        return acted

@@ -1,0 +1,70 @@
+"""The workers: which are alive, what they can run, which hold a job."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from stepstream.kernel.states import JobState
+from stepstream_service.store.database import Database
+from stepstream_service.store.schema import jobs, workers
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    devices: list[str]
+    gpus: int
+    started_at: float
+    seen_at: float
+    stopped_at: float | None
+
+
+class Workers(Database):
+    """The workers table."""
+
+    def register_worker(self, worker: str, host: str, devices: list[str]) -> None:
+        """A worker says which devices it has, at start-up; claims use it to place GPU jobs."""
+        now = time.time()
+        gpus = sum(1 for d in devices if "GPU" in d.upper())
+        values = dict(
+            host=host, devices=json.dumps(devices), gpus=gpus, seen_at=now, stopped_at=None
+        )
+        with self.engine.begin() as conn:
+            done = conn.execute(workers.update().where(workers.c.id == worker).values(**values))
+            if done.rowcount == 0:
+                conn.execute(workers.insert().values(id=worker, started_at=now, **values))
+
+    def worker_seen(self, worker: str, *, stopped: bool = False) -> None:
+        now = time.time()
+        values: dict[str, Any] = {"seen_at": now}
+        if stopped:
+            values["stopped_at"] = now
+        with self.engine.begin() as conn:
+            conn.execute(workers.update().where(workers.c.id == worker).values(**values))
+
+    def live_workers(self, within: float) -> list[WorkerInfo]:
+        """Workers seen in the last `within` seconds and not stopped."""
+        since = time.time() - within
+        with self.reader.connect() as conn:
+            rows = conn.execute(
+                sa.select(workers)
+                .where((workers.c.seen_at >= since) & workers.c.stopped_at.is_(None))
+                .order_by(workers.c.id)
+            )
+            return [WorkerInfo(**{**r._mapping, "devices": json.loads(r.devices)}) for r in rows]
+
+    def busy_workers(self) -> set[str]:
+        with self.reader.connect() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.lease_owner).where(
+                    jobs.c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value])
+                    & jobs.c.lease_owner.is_not(None)
+                )
+            )
+            return {r[0] for r in rows}
