@@ -33,6 +33,7 @@ import argparse
 import collections
 import contextlib
 import itertools
+import json
 import multiprocessing
 import os
 import signal
@@ -76,11 +77,12 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]  # a connection per ch
 
 
 def request(spec: dict, priority: int = 0) -> pb.CreateJobRequest:
-    from stepstream.client import _spec_struct
     from stepstream.kernel.spec import load_spec
 
     return pb.CreateJobRequest(
-        spec=_spec_struct(load_spec(spec)), request_id=uuid.uuid4().hex, priority=priority
+        spec_json=json.dumps(load_spec(spec).to_dict()),
+        request_id=uuid.uuid4().hex,
+        priority=priority,
     )
 
 
@@ -218,7 +220,7 @@ def watch_all(address: str, names: list[str], count: int, ready, stop, results) 
         c.close()
 
 
-TERMINAL = (pb.JobState.SUCCEEDED, pb.JobState.FAILED, pb.JobState.CANCELLED)
+TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
 
 
 # ---------------------------------------------------------------- the open-loop submitter
