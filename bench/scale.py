@@ -93,13 +93,13 @@ def _claimer(url: str, name: str, start, out) -> None:
 
 
 def claim_rate(engine: str, folder: Path, jobs: int, workers: int = 8) -> float:
-    from stepstream_service.store import JobState, Store
+    from stepstream_service.store import JobState, NewJob, Store
 
     db = Database(engine, folder)
     try:
         store = Store(db.url)
         for i in range(jobs):
-            store.create_job(name=f"c{i}", spec={}, spec_hash="h", labels={})
+            store.create_job(NewJob(name=f"c{i}"))
         ctx = multiprocessing.get_context("spawn")
         start, out = ctx.Event(), ctx.Queue()
         procs = [

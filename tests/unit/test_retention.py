@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stepstream_service.config import Settings
-from stepstream_service.store import JobState, Store
+from stepstream_service.store import JobState, NewJob, Store
 from stepstream_service.store.artifacts import ArtifactStore
 from stepstream_service.store.retention import prune
 
@@ -14,7 +14,7 @@ def test_prune_takes_the_rows_events_and_artifacts_of_finished_jobs_only(tmp_pat
     artifacts = ArtifactStore(str(tmp_path / "artifacts"))
     done, live = [], None
     for name in ("a", "b", "live"):
-        job, _ = store.create_job(name=name, spec={}, spec_hash="h", labels={})
+        job, _ = store.create_job(NewJob(name=name))
         claimed = store.claim("w", 30)
         (settings.job_dir(job.id)).mkdir(parents=True)
         artifacts.write_text(f"jobs/{job.id}/model.keras", "weights")

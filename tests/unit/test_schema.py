@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from stepstream_service.store import Store, engine_url, schema
+from stepstream_service.store import NewJob, Store, engine_url, schema
 from tests.conftest import ENGINES
 
 
@@ -33,7 +33,7 @@ def test_an_older_schema_is_refused_until_migrated(url):
     before, after = schema.upgrade(engine)
     assert (before, after) == ("0001", schema.head())
     store = Store(url)
-    job, _ = store.create_job(name="j", spec={}, spec_hash="h", labels={}, needs="gpu")
+    job, _ = store.create_job(NewJob(name="j", needs="gpu"))
     assert store.get_job(job.id).needs == "gpu"
     store.close()
     engine.dispose()

@@ -14,6 +14,7 @@ from stepstream_service.store import (
     JobState,
     LeaseLost,
     NewEvent,
+    NewJob,
     Store,
 )
 from tests.conftest import ENGINES
@@ -28,25 +29,24 @@ def store(request, database):
 
 def make(store, name="j", priority=0, request_id=None, spec_hash="h", max_attempts=3):
     job, _ = store.create_job(
-        name=name,
-        spec={"name": name},
-        spec_hash=spec_hash,
-        labels={},
-        priority=priority,
-        request_id=request_id,
-        max_attempts=max_attempts,
+        NewJob(
+            name=name,
+            spec={"name": name},
+            spec_hash=spec_hash,
+            priority=priority,
+            request_id=request_id,
+            max_attempts=max_attempts,
+        )
     )
     return job
 
 
 def test_create_is_idempotent_per_request_id(store):
-    first, created = store.create_job(name="a", spec={}, spec_hash="h1", labels={}, request_id="r1")
-    again, created_again = store.create_job(
-        name="a", spec={}, spec_hash="h1", labels={}, request_id="r1"
-    )
+    first, created = store.create_job(NewJob(name="a", spec_hash="h1", request_id="r1"))
+    again, created_again = store.create_job(NewJob(name="a", spec_hash="h1", request_id="r1"))
     assert created and not created_again and again.id == first.id
     with pytest.raises(AlreadyExists, match="different spec"):
-        store.create_job(name="a", spec={}, spec_hash="h2", labels={}, request_id="r1")
+        store.create_job(NewJob(name="a", spec_hash="h2", request_id="r1"))
 
 
 def test_ids_are_prefixed_and_unknown_ids_are_not_found(store):
@@ -160,9 +160,7 @@ def test_event_log_is_ordered_and_resumable(store):
 
 def test_list_filters_and_pages(store):
     for i in range(5):
-        store.create_job(
-            name=f"n{i}", spec={}, spec_hash="h", labels={"team": "a" if i % 2 else "b"}
-        )
+        store.create_job(NewJob(name=f"n{i}", labels={"team": "a" if i % 2 else "b"}))
     page1 = store.list_jobs(limit=2)
     page2 = store.list_jobs(limit=2, after=(page1[-1].created_at, page1[-1].id))
     assert len(page1) == 2 and len(page2) == 2 and not {j.id for j in page1} & {j.id for j in page2}
@@ -222,7 +220,7 @@ def test_tail_reading_by_global_id_misses_nothing_under_concurrent_writers(store
 
 
 def test_a_job_that_needs_a_gpu_is_claimed_only_by_a_gpu_worker(store):
-    gpu_job, _ = store.create_job(name="g", spec={}, spec_hash="h", labels={}, needs="gpu")
+    gpu_job, _ = store.create_job(NewJob(name="g", needs="gpu"))
     any_job = make(store, "a")
     assert store.claim("cpu-worker", 30, gpus=0).id == any_job.id
     assert store.claim("cpu-worker", 30, gpus=0) is None
@@ -252,8 +250,8 @@ def test_a_rescue_racing_a_heartbeat_never_requeues_a_renewed_lease(store):
 
 
 def test_tenants_see_only_their_own_jobs(store):
-    mine, _ = store.create_job(name="a", spec={}, spec_hash="h", labels={}, tenant="team-a")
-    theirs, _ = store.create_job(name="b", spec={}, spec_hash="h", labels={}, tenant="team-b")
+    mine, _ = store.create_job(NewJob(name="a", tenant="team-a"))
+    theirs, _ = store.create_job(NewJob(name="b", tenant="team-b"))
     assert store.get_job(mine.id, tenant="team-a").tenant == "team-a"
     with pytest.raises(JobNotFound, match=f"no job '{theirs.id}'"):
         store.get_job(theirs.id, tenant="team-a")
@@ -264,14 +262,10 @@ def test_tenants_see_only_their_own_jobs(store):
 
 
 def test_a_request_id_is_unique_within_a_tenant_only(store):
-    a, _ = store.create_job(name="a", spec={}, spec_hash="h", labels={}, request_id="r", tenant="x")
-    b, created = store.create_job(
-        name="b", spec={}, spec_hash="other", labels={}, request_id="r", tenant="y"
-    )
+    a, _ = store.create_job(NewJob(name="a", request_id="r", tenant="x"))
+    b, created = store.create_job(NewJob(name="b", spec_hash="other", request_id="r", tenant="y"))
     assert created and a.id != b.id  # tenant y learns nothing of tenant x's request
-    again, created = store.create_job(
-        name="a", spec={}, spec_hash="h", labels={}, request_id="r", tenant="x"
-    )
+    again, created = store.create_job(NewJob(name="a", request_id="r", tenant="x"))
     assert not created and again.id == a.id
 
 
@@ -279,12 +273,12 @@ def test_a_tenant_may_queue_only_so_many_jobs(store):
     from stepstream_service.store import QueueFull
 
     for i in range(2):
-        store.create_job(name=f"q{i}", spec={}, spec_hash="h", labels={}, tenant="t", max_queued=2)
+        store.create_job(NewJob(name=f"q{i}", tenant="t"), max_queued=2)
     with pytest.raises(QueueFull, match="max_queued_per_tenant"):
-        store.create_job(name="q2", spec={}, spec_hash="h", labels={}, tenant="t", max_queued=2)
-    store.create_job(name="o", spec={}, spec_hash="h", labels={}, tenant="other", max_queued=2)
+        store.create_job(NewJob(name="q2", tenant="t"), max_queued=2)
+    store.create_job(NewJob(name="o", tenant="other"), max_queued=2)
     store.claim("w", 30)  # one of t's starts: room for another
-    store.create_job(name="q3", spec={}, spec_hash="h", labels={}, tenant="t", max_queued=2)
+    store.create_job(NewJob(name="q3", tenant="t"), max_queued=2)
 
 
 def test_pruning_deletes_old_finished_jobs_and_never_live_ones(store):

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.tail import BUFFER_LIMIT, RECENT_LIMIT, EventTail
-from stepstream_service.store import JobState, NewEvent, Store
+from stepstream_service.store import JobState, NewEvent, NewJob, Store
 
 
 class CountingStore(Store):
@@ -25,7 +25,7 @@ def setup(tmp_path):
     store = CountingStore(f"sqlite:///{tmp_path / 'db'}")
     registry = CollectorRegistry()
     tail = EventTail(store, Metrics(registry), poll_seconds=0.01)
-    job, _ = store.create_job(name="n", spec={}, spec_hash="h", labels={})
+    job, _ = store.create_job(NewJob(name="n"))
     store.claim("w", 30)
     yield store, tail, registry, job.id
     store.close()

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from stepstream.kernel.events import LogEvent, StepEvent
 from stepstream_service.config import Settings
 from stepstream_service.runtime.worker import Worker, _JobRun
-from stepstream_service.store import Store
+from stepstream_service.store import NewJob, Store
 from tests.conftest import ENGINES
 
 
@@ -25,7 +25,7 @@ def store(request, database):
 
 
 def claimed(store: Store, worker: str = "w1"):
-    store.create_job(name="j", spec={}, spec_hash="h", labels={})
+    store.create_job(NewJob(name="j"))
     job = store.claim(worker, 30.0)
     assert job is not None
     return job

@@ -41,7 +41,7 @@ from stepstream_service.api.watch import (
 from stepstream_service.config import Settings
 from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.tail import EventTail
-from stepstream_service.store import Job, JobFinished, Store
+from stepstream_service.store import Job, JobFinished, NewJob, Store
 from stepstream_service.store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if request.max_attempts < 0 or request.max_attempts > 100:
             raise InvalidArgument("max_attempts", "must be between 0 and 100")
         max_attempts = request.max_attempts or self.settings.max_attempts
-        job, created = self.store.create_job(
+        new = NewJob(
             name=spec.name,
             spec=spec.to_dict(),
             spec_hash=spec_hash(spec, request.priority, max_attempts),
@@ -107,8 +107,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             total_steps=spec.training.steps or 0,
             needs="gpu" if spec.runtime.device == "gpu" else "any",
             tenant=tenant or "",
-            max_queued=self.settings.max_queued_per_tenant,
         )
+        job, created = self.store.create_job(new, max_queued=self.settings.max_queued_per_tenant)
         if created:
             self.metrics.submissions.inc()
             log.info("job %s: created (%s)", job.id, spec.name)

@@ -11,7 +11,7 @@ from stepstream_service.store.errors import (
     QueueFull,
 )
 from stepstream_service.store.events import EVENTS_CHANNEL, EventRow, NewEvent
-from stepstream_service.store.jobs import QUEUE_CHANNEL, Job, new_job_id
+from stepstream_service.store.jobs import QUEUE_CHANNEL, Job, NewJob, new_job_id
 from stepstream_service.store.queue import Queue
 from stepstream_service.store.workers import WorkerInfo, Workers
 
@@ -32,6 +32,7 @@ __all__ = [
     "JobState",
     "LeaseLost",
     "NewEvent",
+    "NewJob",
     "QueueFull",
     "Store",
     "WorkerInfo",

@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -100,6 +100,22 @@ class Job:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class NewJob:
+    """What a submission asks for: everything the store needs to queue a job."""
+
+    name: str
+    spec: dict[str, Any] = field(default_factory=dict)
+    spec_hash: str = ""  # a request_id used again must come with the same hash
+    labels: dict[str, str] = field(default_factory=dict)
+    priority: int = 0
+    request_id: str | None = None
+    max_attempts: int = 3
+    total_steps: int = 0
+    needs: str = "any"  # "gpu": only a worker with a GPU claims it
+    tenant: str = ""
+
+
 def new_job_id() -> str:
     return f"job-{uuid.uuid4().hex[:20]}"
 
@@ -107,60 +123,20 @@ def new_job_id() -> str:
 class Jobs(EventLog, Database):
     """The jobs table: create, read, list, change state, cancel, prune."""
 
-    def create_job(
-        self,
-        *,
-        name: str,
-        spec: dict[str, Any],
-        spec_hash: str,
-        labels: dict[str, str],
-        priority: int = 0,
-        request_id: str | None = None,
-        max_attempts: int = 3,
-        total_steps: int = 0,
-        needs: str = "any",
-        tenant: str = "",
-        max_queued: int | None = None,
-    ) -> tuple[Job, bool]:
+    def create_job(self, new: NewJob, *, max_queued: int | None = None) -> tuple[Job, bool]:
         """(job, created). A repeated request_id (within the tenant) returns the first job when
         its spec is the same, and raises AlreadyExists when it is not. With `max_queued`, a
         tenant that already has that many jobs waiting gets QueueFull."""
-        fields = dict(
-            name=name,
-            spec=spec,
-            spec_hash=spec_hash,
-            labels=labels,
-            priority=priority,
-            request_id=request_id,
-            max_attempts=max_attempts,
-            total_steps=total_steps,
-            needs=needs,
-            tenant=tenant,
-            max_queued=max_queued,
-        )
         try:
-            return self._create_job(**fields)
+            return self._create_job(new, max_queued)
         except sa.exc.IntegrityError:
             # Two replicas raced with the same request_id; the loser answers with the winner.
-            if not request_id:
+            if not new.request_id:
                 raise
-            return self._create_job(**fields)
+            return self._create_job(new, max_queued)
 
-    def _create_job(
-        self,
-        *,
-        name: str,
-        spec: dict[str, Any],
-        spec_hash: str,
-        labels: dict[str, str],
-        priority: int,
-        request_id: str | None,
-        max_attempts: int,
-        total_steps: int,
-        needs: str,
-        tenant: str,
-        max_queued: int | None,
-    ) -> tuple[Job, bool]:
+    def _create_job(self, new: NewJob, max_queued: int | None) -> tuple[Job, bool]:
+        request_id, tenant = new.request_id, new.tenant
         now = time.time()
         with self.engine.begin() as conn:
             if request_id:
@@ -171,7 +147,7 @@ class Jobs(EventLog, Database):
                 ).first()
                 if row is not None:
                     existing = Job.from_row(row)
-                    if existing.spec_hash != spec_hash:
+                    if existing.spec_hash != new.spec_hash:
                         raise AlreadyExists(
                             f"request_id {request_id!r} was used for job {existing.id} "
                             "with a different spec"
@@ -199,23 +175,23 @@ class Jobs(EventLog, Database):
             conn.execute(
                 jobs.insert().values(
                     id=job_id,
-                    name=name,
-                    spec=json.dumps(spec, sort_keys=True),
-                    labels=json.dumps(labels, sort_keys=True),
+                    name=new.name,
+                    spec=json.dumps(new.spec, sort_keys=True),
+                    labels=json.dumps(new.labels, sort_keys=True),
                     state=JobState.QUEUED.value,
-                    priority=priority,
+                    priority=new.priority,
                     request_id=request_id or None,
-                    spec_hash=spec_hash,
+                    spec_hash=new.spec_hash,
                     created_at=now,
                     queued_at=now,
                     attempts=0,
-                    max_attempts=max_attempts,
+                    max_attempts=new.max_attempts,
                     cancel_requested=False,
                     step=0,
-                    total_steps=total_steps,
+                    total_steps=new.total_steps,
                     test_metrics="{}",
                     last_seq=0,
-                    needs=needs,
+                    needs=new.needs,
                     tenant=tenant,
                 )
             )
