@@ -282,29 +282,3 @@ METRICS: Registry[Callable[[Labels], keras.metrics.Metric]] = Registry(
         ),
     },
 )
-
-_BY_KIND: dict[str, Registry] = {
-    "activation": ACTIVATIONS,
-    "layer": LAYERS,
-    "loss": LOSSES,
-    "metric": METRICS,
-    "optimizer": OPTIMIZERS,
-    "schedule": SCHEDULES,
-}
-
-
-def registries() -> dict[str, Registry]:
-    """Every registry by kind, the dataset and architecture ones included."""
-    from stepstream_service.engine import datasets, models  # downstream of this module
-
-    return {**_BY_KIND, "dataset": datasets.LOADERS, "architecture": models.ARCHITECTURES}
-
-
-def get(kind: str, name: str) -> Any:
-    """The object registered as `name` (or an alias of it) for `kind`."""
-    found = registries().get(kind)
-    if found is None:
-        raise names.UnknownNameError(
-            f"unknown kind {kind!r}; valid kinds: {', '.join(sorted(registries()))}"
-        )
-    return found.get(name)
