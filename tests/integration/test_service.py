@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import keras
@@ -150,6 +152,50 @@ def test_prometheus_shows_the_last_streamed_values(client, service):
     assert re.search(r'^trainer_job_completions_total{state="SUCCEEDED"} [1-9]', text, re.M)
     assert re.search(r"^trainer_job_queue_wait_seconds_count [1-9]", text, re.M)
     assert re.search(r'^trainer_queue_depth{state="QUEUED"} \d', text, re.M)
+
+
+def test_a_regression_job_reports_mae_never_as_accuracy(client, service):
+    spec = {
+        "name": "regressed",
+        "dataset": {"name": "synthetic_regression", "num_samples": 128, "num_features": 4},
+        "model": {"architecture": "mlp", "hidden_units": [8]},
+        "training": {"steps": 40, "batch_size": 16},
+    }
+    job = client.submit(spec)
+    last = [e for e in job.stream() if e.kind == "step"][-1]
+    info = job.info()
+    assert last.accuracy is None and last.mae is not None
+    assert info.accuracy is None and info.mae == pytest.approx(last.mae, rel=1e-12)
+    columns = job.metrics()
+    assert all(math.isnan(a) for a in columns.accuracy) and columns.mae[-1] == last.mae
+    time.sleep(0.3)  # one tail poll
+    text = urllib.request.urlopen(service.metrics_url, timeout=10).read().decode()
+    series = rf'{{job_id="{job.id}",name="regressed"}}'
+    assert re.search(rf"^trainer_job_mae{series} ", text, re.M)
+    assert not re.search(rf"^trainer_job_accuracy{series} ", text, re.M)
+
+
+def test_the_server_publishes_the_checked_in_spec_schema(service):
+    channel, stub = raw_stub(service)
+    with channel:
+        answer = stub.GetJobSpecSchema(pb.GetJobSpecSchemaRequest(), timeout=10)
+    schema = json.loads(answer.json_schema)
+    checked_in = Path(__file__).resolve().parents[2] / "schemas" / "job-spec.schema.json"
+    assert schema == json.loads(checked_in.read_text())
+    assert schema["$id"].endswith("job-spec.schema.json")
+
+
+def test_integers_stay_integers_on_the_wire(service):
+    channel, stub = raw_stub(service)
+    with channel:
+        job = stub.CreateJob(
+            pb.CreateJobRequest(spec_json=json.dumps(classes(30, "typed"))), timeout=10
+        )
+        spec = json.loads(stub.GetJob(pb.GetJobRequest(name=job.name), timeout=10).spec_json)
+    assert spec["training"]["steps"] == 30 and isinstance(spec["training"]["steps"], int)
+    assert spec["model"]["hidden_units"] == [16] and isinstance(
+        spec["model"]["hidden_units"][0], int
+    )
 
 
 def test_metrics_history_and_downsampling(client):
