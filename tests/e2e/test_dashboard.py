@@ -189,7 +189,7 @@ def render(prometheus: Prometheus, job_id: str, start: float, end: float, path: 
 
     wanted = [
         "Loss",
-        "Accuracy (mae for regression)",
+        "Accuracy (classification jobs)",
         "Step",
         "Queue depth by state",
         "Workers busy / idle",
