@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+
+from stepstream.v1 import trainer_pb2_grpc
+
+DEFAULT_ADDRESS = "localhost:50051"
 
 # Keepalive pings find a dead connection during a long, quiet stream (no steps for minutes).
 CHANNEL_OPTIONS = [
@@ -51,3 +56,34 @@ class Credentials:
         if self.secure:
             return grpc.aio.secure_channel(address, self.channel_credentials(), CHANNEL_OPTIONS)
         return grpc.aio.insecure_channel(address, CHANNEL_OPTIONS)
+
+
+class Connection:
+    """What both clients are built on: the address, the default deadline of a call, the
+    channel and its stub, and the metadata every call carries."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = 30.0,
+        channel: grpc.Channel | grpc.aio.Channel | None = None,
+        token: str | None = None,
+        tls: bool = False,
+        ca_cert: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
+    ):
+        """`timeout` bounds each unary call; `channel` replaces the one the client would open
+        (a sync client takes a grpc.Channel, an asyncio one a grpc.aio.Channel). `token` names
+        your tenant on a server with authentication; `tls` (or any of the certificate files)
+        makes the connection TLS, and a client certificate mutual TLS."""
+        self.address, self.timeout = address, timeout
+        credentials = Credentials(token, tls, ca_cert, client_cert, client_key)
+        self._channel = channel or self._connect(credentials)
+        self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+        self._metadata = credentials.metadata()
+
+    def _connect(self, credentials: Credentials) -> Any:
+        """A new channel to `self.address`, of the client's kind."""
+        raise NotImplementedError

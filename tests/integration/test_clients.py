@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -14,7 +17,7 @@ from stepstream.aio import AsyncTrainingClient
 from stepstream.client import TrainingClient
 
 from ..conftest import EXAMPLES
-from .test_service import classes
+from .test_service import classes, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +38,118 @@ def test_async_client_submits_streams_and_downloads(service, tmp_path):
     assert [e.step for e in events if e.kind == "eval"] == [20, 40]
     assert info.state == "SUCCEEDED" and path.stat().st_size > 0
     assert len(metrics.steps) == 5 and job_id in listed
+
+
+def test_async_client_has_every_reach_of_the_sync_one(service, tmp_path):
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    np.savez(tmp_path / "mine.npz", x=x, y=(x[:, 0] > 0).astype("int64"))
+    spec = {**classes(20, "parity"), "labels": {"suite": "aio-parity"}}
+
+    async def scenario():
+        async with AsyncTrainingClient(service.address) as client:
+            first = await client.submit(spec, request_id="aio-parity-1", priority=1)
+            again = await client.submit(spec, request_id="aio-parity-1", priority=1)
+            info = await first.wait(timeout=60)
+            state = await first.state
+            listed = [j.name async for j in client.jobs(labels={"suite": "aio-parity"})]
+            named = [j.name async for j in client.jobs(state="SUCCEEDED", name="parity")]
+            caps = await client.capabilities()
+            path = await client.upload_dataset("mine", tmp_path / "mine.npz", chunk_size=512)
+            return first, again, info, state, listed, named, caps, path
+
+    first, again, info, state, listed, named, caps, path = asyncio.run(scenario())
+    assert again.name == first.name and info.state == state == "SUCCEEDED"
+    assert listed == [first.name] and first.name in named
+    assert "mlp" in caps["architectures"] and caps["aliases"]
+    with TrainingClient(service.address) as client:
+        trained = client.submit(
+            {"dataset": {"name": "npz", "path": path}, "training": {"steps": 10, "batch_size": 16}}
+        )
+        assert trained.wait(timeout=60).state == "SUCCEEDED"
+
+
+class CountGetJob(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self):
+        self.calls = 0
+
+    def intercept_unary_unary(self, continuation, details, request):
+        self.calls += details.method.endswith("/GetJob")
+        return continuation(details, request)
+
+
+class CountGetJobAsync(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self):
+        self.calls = 0
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        method = details.method
+        self.calls += (method.decode() if isinstance(method, bytes) else method).endswith("/GetJob")
+        return await continuation(details, request)
+
+
+def wait_counting(address: str, name: str, asynchronous: bool) -> tuple[str, int]:
+    """Wait for a job through a channel that counts GetJob calls: (final state, count)."""
+    if not asynchronous:
+        counter = CountGetJob()
+        channel = grpc.intercept_channel(grpc.insecure_channel(address), counter)
+        with TrainingClient(address, channel=channel) as client:
+            return client.job(name).wait(timeout=60).state, counter.calls
+
+    async def scenario():
+        counter = CountGetJobAsync()
+        channel = grpc.aio.insecure_channel(address, interceptors=[counter])
+        async with AsyncTrainingClient(address, channel=channel) as client:
+            return (await client.job(name).wait(timeout=60)).state, counter.calls
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_wait_rides_the_stream_instead_of_polling(service, client, asynchronous):
+    job = client.submit(classes(10_000_000, "ridden"))
+    wait_for_step(job, 1)
+    cancel = threading.Timer(3.0, job.cancel)
+    cancel.start()
+    started = time.monotonic()
+    try:
+        state, get_jobs = wait_counting(service.address, job.name, asynchronous)
+    finally:
+        cancel.join()
+    assert state == "CANCELLED" and time.monotonic() - started > 2.5
+    assert 1 <= get_jobs <= 2  # where it starts, and the final job: none while it runs
+
+
+def test_wait_times_out_naming_the_job_and_its_state(service, client):
+    job = client.submit(classes(10_000_000, "overdue"))
+    wait_for_step(job, 1)
+
+    async def wait_async():
+        async with AsyncTrainingClient(service.address) as aio:
+            await aio.job(job.name).wait(timeout=1)
+
+    try:
+        for wait in (lambda: job.wait(timeout=1), lambda: asyncio.run(wait_async())):
+            started = time.monotonic()
+            with pytest.raises(TimeoutError, match=f"{job.name} still RUNNING after 1 s"):
+                wait()
+            assert time.monotonic() - started < 3
+    finally:
+        job.cancel()
+    assert job.wait(timeout=60).state == "CANCELLED"
+
+
+@pytest.mark.parametrize("engine", ["sqlite"])
+def test_wait_rides_out_a_server_restart(start_service, tmp_path):
+    data = tmp_path / "same-port"
+    first = start_service(data, workers=1, lease_seconds=2)
+    with TrainingClient(first.address) as client, ThreadPoolExecutor(1) as pool:
+        job = client.submit(classes(2000, "restarted", checkpoint_every=100))
+        waiting = pool.submit(job.wait, 150)
+        wait_for_step(job, 200)
+        first.stop()
+        start_service(data, workers=1, lease_seconds=2, port=first.port)
+        info = waiting.result(timeout=180)
+    assert info.state == "SUCCEEDED" and info.step == 2000
 
 
 def cli(service, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
