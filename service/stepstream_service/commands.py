@@ -11,12 +11,42 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from stepstream.cli import ProgressBar, print_event
+from stepstream.cli import ProgressBar, load_spec_file, print_event
 from stepstream.kernel.events import Event
-from stepstream.kernel.spec import load_spec
+
+_EPILOGS = {
+    "train": """\
+examples:
+  trainer train examples/linear_regression.yaml
+  trainer train job.yaml --workdir runs --resume   continue from the last checkpoint
+""",
+    "serve": """\
+examples:
+  trainer serve                                    SQLite in trainer-data/, one CPU worker
+  trainer serve --workers 2 --gpus none --port 50051 --metrics-port 9464
+  trainer serve --store postgresql://trainer@db/trainer --workers 0   an API replica
+""",
+    "worker": """\
+examples:
+  trainer worker --store postgresql://trainer@db/trainer --gpus all
+  trainer worker --store postgresql://trainer@db/trainer --workers 4 --metrics-port 9465
+""",
+    "token": "examples:\n  trainer token team-a    then add its digest line to the tokens file\n",
+    "prune": """\
+examples:
+  trainer prune --older-than-days 30
+  trainer prune --keep 1000 --store postgresql://trainer@db/trainer
+""",
+    "migrate": "examples:\n  trainer migrate --store postgresql://trainer@db/trainer\n",
+}
 
 
-def register(command: Callable[..., argparse.ArgumentParser]) -> None:
+def register(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add the server's commands through the client's `command(name, func, help, remote)`."""
+
+    def command(name: str, func, help: str, remote: bool) -> argparse.ArgumentParser:
+        return add(name, func, help, remote, epilog=_EPILOGS.get(name))
+
     p = command("train", train_here, "run a job file on this machine with a progress bar", False)
     p.add_argument("file")
     p.add_argument("--workdir", default="runs", help="where models and checkpoints go")
@@ -46,15 +76,15 @@ def register(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def train_here(args: argparse.Namespace) -> int:
-    spec = load_spec(args.file)
+    spec = load_spec_file(args.file)  # its problems name the file and line
     from stepstream_service.engine.datasets import DataPaths
     from stepstream_service.engine.trainer import train
     from stepstream_service.errors import TrainerError
 
-    bar = ProgressBar(spec.training.steps or 0)
+    bar = ProgressBar(spec.training.steps or 0, spec.step_metric)
 
     def emit(event: Event) -> None:
-        print_event(event, bar, spec)
+        print_event(event, bar)
 
     paths = DataPaths(data_dir=Path(args.data_dir) if args.data_dir else None)
     workdir = Path(args.workdir) / spec.name
@@ -138,7 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     """Workers on this machine joining the pool of a shared store: one per GPU, or N."""
     from stepstream_service.runtime.server import Supervisor
-    from stepstream_service.store.jobs import Store
+    from stepstream_service.store import Store
     from stepstream_service.store.schema import SchemaError
 
     settings = _service_settings(args)
@@ -197,8 +227,7 @@ def _prune(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
-    from stepstream_service.store import schema
-    from stepstream_service.store.jobs import engine_url
+    from stepstream_service.store import engine_url, schema
 
     settings = _service_settings(args)
     if settings.store is None:
