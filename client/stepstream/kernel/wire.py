@@ -10,7 +10,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from stepstream.kernel.events import KINDS, PAYLOAD_FIELDS, Event
+from stepstream.kernel.events import KINDS, PAYLOAD_FIELDS, Event, from_payload
 from stepstream.kernel.failures import Failure
 from stepstream.kernel.states import JobState
 from stepstream.v1 import trainer_pb2 as pb
@@ -46,6 +46,10 @@ def _plan(kind: str) -> tuple[tuple[str, str], ...]:
 
 
 _PLANS = {kind: _plan(kind) for kind in KINDS}
+# Kinds whose stored payload is already the protobuf body's fields (no failure, no state).
+_AS_STORED = {
+    k for k, plan in _PLANS.items() if all(how not in ("failure", "state") for _, how in plan)
+}
 
 
 def state_to_proto(state: JobState | str) -> int:
@@ -95,6 +99,20 @@ def event_to_proto(event: Event) -> pb.JobEvent:
         values[name] = value
     body = _MESSAGE[event.kind](**values)
     return pb.JobEvent(seq=event.seq, time=timestamp(event.time), **{ONEOF[event.kind]: body})
+
+
+def payload_to_proto(kind: str, payload: dict[str, Any], *, seq: int, time: float) -> pb.JobEvent:
+    """A stored event straight to protobuf. The same as `event_to_proto(from_payload(...))`,
+    without building the event first for the kinds stored as their body's fields: the watch
+    fan-out converts every step event a job writes."""
+    if kind in _AS_STORED:
+        try:
+            body = _MESSAGE[kind](**{k: v for k, v in payload.items() if v is not None})
+        except ValueError:  # a key that rows written by an earlier version had
+            pass
+        else:
+            return pb.JobEvent(seq=seq, time=timestamp(time), **{ONEOF[kind]: body})
+    return event_to_proto(from_payload(kind, payload, seq=seq, time=time))
 
 
 def event_from_proto(message: pb.JobEvent) -> Event:

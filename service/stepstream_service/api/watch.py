@@ -7,9 +7,8 @@ import math
 import threading
 from collections import OrderedDict
 
-from stepstream.kernel.events import from_payload
 from stepstream.kernel.states import TERMINAL, JobState
-from stepstream.kernel.wire import event_to_proto
+from stepstream.kernel.wire import payload_to_proto
 from stepstream.v1 import trainer_pb2 as pb
 from stepstream_service.store import EventRow
 
@@ -21,7 +20,7 @@ MAX_PACE = 1.0
 
 
 def row_to_proto(row: EventRow) -> pb.JobEvent:
-    return event_to_proto(from_payload(row.kind, row.payload, seq=row.seq, time=row.time))
+    return payload_to_proto(row.kind, row.payload, seq=row.seq, time=row.time)
 
 
 def is_terminal(row: EventRow) -> bool:
