@@ -11,7 +11,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from stepstream.cli import ProgressBar, load_spec_file, print_event
+from stepstream.cli.progress import ProgressBar, print_event
+from stepstream.cli.spec_files import load_spec_file
 from stepstream.kernel.events import Event
 
 _EPILOGS = {

@@ -14,6 +14,13 @@ import pytest
 import yaml
 
 from stepstream import cli
+from stepstream.cli.commands import build_parser
+from stepstream.cli.completion import complete_jobs, complete_states
+from stepstream.cli.errors import CliError, rpc_error_text
+from stepstream.cli.names import match_jobs, resolve_job
+from stepstream.cli.output import dump, human_age, human_duration, job_record, job_view, jobs_table
+from stepstream.cli.progress import ProgressBar, print_event
+from stepstream.cli.spec_files import read_spec_file
 from stepstream.client import JobInfo
 from stepstream.kernel.events import EvalEvent
 from stepstream.kernel.failures import Failure
@@ -70,16 +77,16 @@ def info(**changes) -> JobInfo:
     ],
 )
 def test_human_durations(seconds, text):
-    assert cli.human_duration(seconds) == text
+    assert human_duration(seconds) == text
 
 
 def test_human_ages():
-    assert cli.human_age(NOW - 1, NOW) == "just now"
-    assert cli.human_age(NOW - 200, NOW) == "3m ago"
-    assert cli.human_age(NOW - 7500, NOW) == "2h ago"
-    assert cli.human_age(NOW - 3 * 86400, NOW) == "3d ago"
-    assert cli.human_age(NOW - 90 * 86400, NOW).count("-") == 2  # a date
-    assert cli.human_age(None, NOW) == "-"
+    assert human_age(NOW - 1, NOW) == "just now"
+    assert human_age(NOW - 200, NOW) == "3m ago"
+    assert human_age(NOW - 7500, NOW) == "2h ago"
+    assert human_age(NOW - 3 * 86400, NOW) == "3d ago"
+    assert human_age(NOW - 90 * 86400, NOW).count("-") == 2  # a date
+    assert human_age(None, NOW) == "-"
 
 
 # ---------------------------------------------------------------- output formats
@@ -92,8 +99,8 @@ def test_json_and_yaml_records_are_plain_data():
         failure=Failure("non_finite_loss", "loss became nan", 12),
         test_metrics={"loss": math.inf},
     )
-    record = cli.job_record(failed)
-    text = cli.dump(record, "json")  # allow_nan=False: a NaN would raise here
+    record = job_record(failed)
+    text = dump(record, "json")  # allow_nan=False: a NaN would raise here
     back = json.loads(text)
     assert back["state"] == "FAILED" and back["loss"] is None
     assert back["failure"] == {
@@ -104,7 +111,7 @@ def test_json_and_yaml_records_are_plain_data():
     assert back["create_time"] == "2027-01-15T07:57:00.000Z"
     assert back["run_seconds"] == pytest.approx(119.5)
     assert back["test_metrics"] == {"loss": None} and back["spec"]["loss"] == "mse"
-    assert yaml.safe_load(cli.dump(record, "yaml")) == back
+    assert yaml.safe_load(dump(record, "yaml")) == back
     assert "JobState" not in text and "Failure(" not in text
 
 
@@ -130,7 +137,7 @@ def test_jobs_table_has_human_times_and_no_stray_values():
         end_time=NOW - 100,
         create_time=NOW - 7700,
     )
-    lines = cli.jobs_table([info(), queued, regression], now=NOW).splitlines()
+    lines = jobs_table([info(), queued, regression], now=NOW).splitlines()
     assert lines[0].split() == [
         "ID", "NAME", "STATE", "STEP", "LOSS", "ACC", "MAE", "CREATED", "DURATION"
     ]  # fmt: skip
@@ -144,7 +151,7 @@ def test_jobs_table_has_human_times_and_no_stray_values():
 
 
 def test_show_as_a_table_reads_like_a_description():
-    text = cli.job_view(
+    text = job_view(
         info(state=JobState.FAILED, failure=Failure("worker_lost", "gone", 40)), now=NOW
     )
     assert "State:    FAILED" in text
@@ -176,38 +183,38 @@ JOBS = [
 
 def test_a_full_id_is_used_as_is_without_a_call():
     client = FakeClient(JOBS)
-    assert cli.resolve_job(client, "job-0123456789abcdef0123") == "job-0123456789abcdef0123"
-    assert cli.resolve_job(client, "jobs/job-3f2a0c1b2d3e4f5a6b7c") == "job-3f2a0c1b2d3e4f5a6b7c"
+    assert resolve_job(client, "job-0123456789abcdef0123") == "job-0123456789abcdef0123"
+    assert resolve_job(client, "jobs/job-3f2a0c1b2d3e4f5a6b7c") == "job-3f2a0c1b2d3e4f5a6b7c"
     assert client.calls == []
 
 
 def test_a_unique_prefix_or_name_names_its_job():
-    assert cli.resolve_job(FakeClient(JOBS), "3f2a0") == "job-3f2a0c1b2d3e4f5a6b7c"
-    assert cli.resolve_job(FakeClient(JOBS), "job-3f2b") == "job-3f2b999999999999aaaa"
+    assert resolve_job(FakeClient(JOBS), "3f2a0") == "job-3f2a0c1b2d3e4f5a6b7c"
+    assert resolve_job(FakeClient(JOBS), "job-3f2b") == "job-3f2b999999999999aaaa"
     client = FakeClient(JOBS)
-    assert cli.resolve_job(client, "seed-mlp") == "job-3f2a0c1b2d3e4f5a6b7c"
+    assert resolve_job(client, "seed-mlp") == "job-3f2a0c1b2d3e4f5a6b7c"
     assert client.calls == ["seed-mlp"]  # not hex: ListJobs filters by name=
 
 
 def test_ambiguous_and_unknown_names_are_errors_that_list_the_candidates():
-    with pytest.raises(cli.CliError) as caught:
-        cli.resolve_job(FakeClient(JOBS), "twice")
+    with pytest.raises(CliError) as caught:
+        resolve_job(FakeClient(JOBS), "twice")
     assert caught.value.code == 2 and "'twice' names 2 jobs" in str(caught.value)
     assert "job-77770000111122223333" in str(caught.value)
     assert "job-88880000111122223333" in str(caught.value)
     # an id prefix and another job's display name
-    with pytest.raises(cli.CliError, match="'3f2a' names 2 jobs") as caught:
-        cli.resolve_job(FakeClient(JOBS), "3f2a")
+    with pytest.raises(CliError, match="'3f2a' names 2 jobs") as caught:
+        resolve_job(FakeClient(JOBS), "3f2a")
     assert "job-99990000111122223333" in str(caught.value)
     assert "job-3f2a0c1b2d3e4f5a6b7c" in str(caught.value)
-    with pytest.raises(cli.CliError, match="no job has the id or the name 'nope'") as caught:
-        cli.resolve_job(FakeClient(JOBS), "nope")
+    with pytest.raises(CliError, match="no job has the id or the name 'nope'") as caught:
+        resolve_job(FakeClient(JOBS), "nope")
     assert caught.value.code == 4
 
 
 def test_match_jobs_counts_a_job_once():
     same = info(id="job-abcd0000111122223333", display_name="abcd")
-    assert cli.match_jobs("abcd", [same, same]) == [same]
+    assert match_jobs("abcd", [same, same]) == [same]
 
 
 # ---------------------------------------------------------------- job files
@@ -236,7 +243,7 @@ training:
 def test_problems_name_the_file_and_the_line_of_their_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(BAD)
-    spec, problems = cli.read_spec_file(str(path))
+    spec, problems = read_spec_file(str(path))
     assert spec is None
     where = {p.field: (p.line, p.column) for p in problems}
     assert where["loss.name"] == (3, 1)  # `loss: nope` is shorthand: the key's line
@@ -249,7 +256,7 @@ def test_problems_name_the_file_and_the_line_of_their_key(tmp_path):
 def test_a_yaml_syntax_error_names_the_file(tmp_path):
     path = tmp_path / "syntax.yaml"
     path.write_text("a: [1, 2\nb: 3\n")
-    _, problems = cli.read_spec_file(str(path))
+    _, problems = read_spec_file(str(path))
     (problem,) = problems
     assert str(problem).startswith(f"{path}:2:2: invalid YAML: expected ',' or ']'")
     assert "<unicode string>" not in str(problem)
@@ -258,10 +265,10 @@ def test_a_yaml_syntax_error_names_the_file(tmp_path):
 def test_json_files_and_their_lines(tmp_path):
     path = tmp_path / "job.json"
     path.write_text('{"loss": "mse",\n "trainng": 3}')
-    _, problems = cli.read_spec_file(str(path))
+    _, problems = read_spec_file(str(path))
     assert [str(p) for p in problems] == [f"{path}:2:2: trainng: unknown field"]
     path.write_text('{"loss": "mse",,}')
-    _, problems = cli.read_spec_file(str(path))
+    _, problems = read_spec_file(str(path))
     assert str(problems[0]).startswith(f"{path}:1:16: invalid JSON")
 
 
@@ -324,7 +331,7 @@ def replay(text: str, width: int = 80) -> list[str]:
 
 def test_progress_fits_80_columns_and_leaves_nothing_stale():
     out = Terminal()
-    bar = cli.ProgressBar(2_000_000, "accuracy", out, width=80)
+    bar = ProgressBar(2_000_000, "accuracy", out, width=80)
     bar.bar.mininterval = 0  # draw every update
     bar.update(10, 123456.789, 0.25, 3.5)  # a long line ...
     bar.update(1_999_990, 0.5, 0.99, 12345.0)  # ... a shorter one over it
@@ -339,10 +346,10 @@ def test_progress_fits_80_columns_and_leaves_nothing_stale():
 
 def test_progress_of_an_epoch_job_shrinks_cleanly_and_messages_go_above():
     out = Terminal()
-    bar = cli.ProgressBar(0, "mae", out, width=80)
+    bar = ProgressBar(0, "mae", out, width=80)
     bar.bar.mininterval = 0
     bar.update(5, 1.0e9, 1.0e9, 2.0)
-    cli.print_event(EvalEvent(5, "validation", {"loss": 0.5}, 0.0), bar)
+    print_event(EvalEvent(5, "validation", {"loss": 0.5}, 0.0), bar)
     bar.update(6, 0.5, 0.1, 2.0)
     bar.close()
     screen = replay(out.getvalue(), 80)
@@ -353,7 +360,7 @@ def test_progress_of_an_epoch_job_shrinks_cleanly_and_messages_go_above():
 
 def test_progress_is_plain_lines_without_a_terminal():
     out = io.StringIO()
-    bar = cli.ProgressBar(200, "accuracy", out)
+    bar = ProgressBar(200, "accuracy", out)
     for step in range(1, 201):
         bar.update(step, 0.5, 0.9, 1000.0)
     bar.write("job-x: SUCCEEDED")
@@ -368,7 +375,7 @@ def test_progress_is_plain_lines_without_a_terminal():
 
 def test_progress_narrow_terminal_is_cut_not_wrapped():
     out = Terminal()
-    bar = cli.ProgressBar(5001, "accuracy", out, width=40)
+    bar = ProgressBar(5001, "accuracy", out, width=40)
     bar.bar.mininterval = 0
     bar.update(2500, 0.25, 0.5, 1500.0)
     bar.close()
@@ -416,26 +423,26 @@ def test_invalid_argument_prints_each_field_violation():
         "invalid job spec (2 problem(s)):\n  training.steps: over\n  model.units: too many",
         [("spec.training.steps", "over max_steps 1000"), ("spec.model.units", "too many")],
     )
-    assert cli.rpc_error_text(exc, "x:1").splitlines() == [
+    assert rpc_error_text(exc, "x:1").splitlines() == [
         "error: INVALID_ARGUMENT: invalid job spec (2 problem(s)):",
         "  spec.training.steps: over max_steps 1000",
         "  spec.model.units: too many",
     ]
     lone = bad_request("filter: cannot read 'x'", [("filter", "cannot read 'x'")])
-    assert cli.rpc_error_text(lone, "x:1") == "error: INVALID_ARGUMENT: filter: cannot read 'x'"
+    assert rpc_error_text(lone, "x:1") == "error: INVALID_ARGUMENT: filter: cannot read 'x'"
 
 
 def test_other_errors_print_code_and_message():
     exc = FakeRpcError(grpc.StatusCode.NOT_FOUND, "job job-1 not found")
-    assert cli.rpc_error_text(exc, "x:1") == "error: NOT_FOUND: job job-1 not found"
+    assert rpc_error_text(exc, "x:1") == "error: NOT_FOUND: job job-1 not found"
     draining = FakeRpcError(grpc.StatusCode.UNAVAILABLE, "the server is draining")
-    assert cli.rpc_error_text(draining, "x:1") == "error: UNAVAILABLE: the server is draining"
+    assert rpc_error_text(draining, "x:1") == "error: UNAVAILABLE: the server is draining"
     refused = FakeRpcError(
         grpc.StatusCode.UNAVAILABLE,
         "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
         "Failed to connect to remote host: Connection refused",
     )
-    assert cli.rpc_error_text(refused, "127.0.0.1:1") == (
+    assert rpc_error_text(refused, "127.0.0.1:1") == (
         "error: no server answers at 127.0.0.1:1 (connection refused): start one with "
         "`trainer serve`, or pass --address / set TRAINER_ADDRESS"
     )
@@ -499,6 +506,6 @@ def test_completion_scripts(capsys):
 
 
 def test_job_arguments_complete_from_the_server_quietly_when_none():
-    args = cli.build_parser().parse_args(["show", "x", "--address", f"127.0.0.1:{closed_port()}"])
-    assert cli._complete_jobs("", args) == []
-    assert cli._complete_states("ru") == ["RUNNING"]
+    args = build_parser().parse_args(["show", "x", "--address", f"127.0.0.1:{closed_port()}"])
+    assert complete_jobs("", args) == []
+    assert complete_states("ru") == ["RUNNING"]

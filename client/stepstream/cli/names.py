@@ -1,0 +1,52 @@
+"""Naming jobs on the command line: a full id, a unique id prefix, or a unique display name."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from stepstream.cli.errors import EXIT_SERVER, CliError
+from stepstream.cli.output import human_age, table
+
+FULL_ID = re.compile(r"^(jobs/.+|job-[0-9a-f]{20})$")
+_ID_PREFIX = re.compile(r"^(job-)?[0-9a-f]+$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def match_jobs(text: str, infos: Iterable[Any]) -> list[Any]:
+    """The jobs whose id starts with `text` (with or without its 'job-') or whose display name
+    is `text`, each once, in the order given."""
+    prefix = text if text.startswith("job-") else f"job-{text}"
+    id_like = bool(_ID_PREFIX.match(text))
+    out, seen = [], set()
+    for info in infos:
+        if info.id in seen:
+            continue
+        if info.display_name == text or (id_like and info.id.startswith(prefix)):
+            seen.add(info.id)
+            out.append(info)
+    return out
+
+
+def resolve_job(client: Any, text: str) -> str:
+    """The full id `text` names: a full id as is; else a unique id prefix or display name
+    (found with ListJobs). None found, or several, is a CliError that lists them."""
+    if FULL_ID.match(text):
+        return text.removeprefix("jobs/")
+    candidates: Iterable[Any] = []
+    if _ID_PREFIX.match(text):  # every job: ListJobs cannot filter by id
+        candidates = client.jobs(page_size=1000)
+    elif _NAME.match(text):
+        candidates = client.jobs(name=text, page_size=1000)
+    found = match_jobs(text, candidates)
+    if len(found) == 1:
+        return found[0].id
+    if not found:
+        raise CliError(f"no job has the id or the name {text!r} (see `trainer jobs`)", EXIT_SERVER)
+    shown = found[:10]
+    rows = [[j.id, j.display_name, str(j.state), human_age(j.create_time)] for j in shown]
+    lines = table(["ID", "NAME", "STATE", "CREATED"], rows).splitlines()
+    more = [f"... and {len(found) - len(shown)} more"] if len(found) > len(shown) else []
+    listing = "\n".join(f"  {line}" for line in lines + more)
+    raise CliError(f"{text!r} names {len(found)} jobs; give more of the id:\n{listing}")
