@@ -17,21 +17,7 @@ import yaml
 from stepstream.client import TrainingClient
 
 from .conftest import ServiceProcess, service_env
-
-
-def classes(steps: int, name: str) -> dict:
-    return {
-        "name": name,
-        "dataset": {
-            "name": "synthetic_classification",
-            "num_samples": 256,
-            "num_features": 8,
-            "num_classes": 3,
-        },
-        "model": {"architecture": "mlp", "hidden_units": [16]},
-        "training": {"steps": steps, "batch_size": 16},
-        "runtime": {"steps_per_execution": 10},
-    }
+from .test_service import classes
 
 
 @pytest.fixture(scope="module")
