@@ -1,0 +1,1 @@
+"""The API layer: protobuf in, validated requests and store calls, protobuf out."""

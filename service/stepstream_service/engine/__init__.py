@@ -1,0 +1,1 @@
+"""The training engine: Keras and nothing of gRPC or the store."""

@@ -1,0 +1,1 @@
+"""What runs: the server and its supervisor, the workers, the event tail, the metrics."""
