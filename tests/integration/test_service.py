@@ -154,6 +154,22 @@ def test_prometheus_shows_the_last_streamed_values(client, service):
     assert re.search(r'^trainer_queue_depth{state="QUEUED"} \d', text, re.M)
 
 
+def test_a_request_with_many_problems_names_them_all_at_once(service):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    spec = {"dataset": "linear", "modle": "mlp", "training": {"steps": -1}}
+    request = pb.CreateJobRequest(spec_json=json.dumps(spec), priority=5000, max_attempts=-1)
+    channel, stub = raw_stub(service)
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        stub.CreateJob(request, timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in rpc_status.from_call(caught.value).details)
+    fields = sorted(v.field for v in bad.field_violations)
+    assert fields == ["max_attempts", "priority", "spec.modle", "spec.training.steps"]
+
+
 def test_a_regression_job_reports_mae_never_as_accuracy(client, service):
     spec = {
         "name": "regressed",

@@ -28,13 +28,25 @@ DOMAIN = "stepstream"
 
 
 class InvalidArgument(TrainerError):
-    """A request field that is wrong; `field` names it (a request field, or spec.<path>)."""
+    """Request fields that are wrong, each named (a request field, or spec.<path>)."""
 
     reason = "invalid_argument"
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field, self.description = field, message
+        self.violations = [(field, message)]
+
+    @classmethod
+    def each(cls, violations: list[tuple[str, str]]) -> InvalidArgument:
+        """One error naming every problem of a request, so a client fixes them in one round."""
+        if len(violations) == 1:
+            return cls(*violations[0])
+        exc = cls(*violations[0])
+        lines = "\n".join(f"  {field}: {message}" for field, message in violations)
+        exc.args = (f"invalid request ({len(violations)} problems):\n{lines}",)
+        exc.violations = list(violations)
+        return exc
 
 
 class ResourceExhausted(TrainerError):
@@ -72,7 +84,7 @@ def violations(exc: Exception) -> list[tuple[str, str]]:
     if isinstance(exc, SpecError):
         return [(f"spec.{p.field}".removesuffix(".<root>"), p.message) for p in exc.problems]
     if isinstance(exc, InvalidArgument):
-        return [(exc.field, exc.description)]
+        return exc.violations
     return []
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import math
 import re
@@ -16,8 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from stepstream.kernel import names
-from stepstream.kernel.schema import job_spec_schema
-from stepstream.kernel.spec import SpecLimits
+from stepstream.kernel.schema import schema_text
+from stepstream.kernel.spec import SpecError, SpecLimits
 from stepstream.v1 import trainer_pb2 as pb
 from stepstream.v1 import trainer_pb2_grpc
 from stepstream_service.api.auth import Auth
@@ -29,7 +28,13 @@ from stepstream_service.api.convert import (
     spec_hash,
     spec_of,
 )
-from stepstream_service.api.errors import InvalidArgument, ResourceExhausted, Unavailable, handled
+from stepstream_service.api.errors import (
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+    handled,
+    violations,
+)
 from stepstream_service.api.watch import (
     MAX_PACE,
     PACE_PER_WATCHER,
@@ -69,7 +74,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.watching: dict[str | None, int] = {}
         self.watching_lock = threading.Lock()
         self.protos = ProtoCache()
-        self.schema = json.dumps(job_spec_schema(), indent=2)
+        self.schema = schema_text()
         self.draining = False
 
     def _check_open(self) -> None:
@@ -80,21 +85,26 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def CreateJob(self, request, context):
         self._check_open()
         tenant = self.auth.tenant_of(context)
-        spec = spec_of(request.spec_json, self.limits)
-        if tenant is not None and spec.dataset.name == "npz":
+        bad: list[tuple[str, str]] = []
+        try:
+            spec = spec_of(request.spec_json, self.limits)
+        except (SpecError, InvalidArgument) as exc:
+            spec, bad = None, violations(exc)
+        if spec is not None and tenant is not None and spec.dataset.name == "npz":
             mine = f"uploads/{tenant}/"
             path = spec.dataset.path or ""
             if not path.startswith(mine) or ".." in path:
-                raise InvalidArgument(
-                    "spec.dataset.path",
-                    f"must be one of your uploads ({mine}NAME.npz), as UploadDataset returned it",
-                )
+                where = f"must be one of your uploads, {mine}NAME.npz as UploadDataset named it"
+                bad.append(("spec.dataset.path", where))
         if request.priority and not -1000 <= request.priority <= 1000:
-            raise InvalidArgument("priority", "must be between -1000 and 1000")
+            bad.append(("priority", "must be between -1000 and 1000"))
         if len(request.request_id) > 128 or "\x00" in request.request_id:
-            raise InvalidArgument("request_id", "at most 128 characters, and no NUL")
+            bad.append(("request_id", "at most 128 characters, and no NUL"))
         if request.max_attempts < 0 or request.max_attempts > 100:
-            raise InvalidArgument("max_attempts", "must be between 0 and 100")
+            bad.append(("max_attempts", "must be between 0 and 100"))
+        if bad:
+            raise InvalidArgument.each(bad)
+        assert spec is not None
         max_attempts = request.max_attempts or self.settings.max_attempts
         new = NewJob(
             name=spec.name,

@@ -57,3 +57,11 @@ def test_an_empty_spec_is_one_violation_at_the_spec_itself():
     assert api.violations(caught.value) == [
         ("spec", "the spec is empty; give at least its dataset")
     ]
+
+
+def test_every_problem_of_a_request_is_one_error():
+    one = api.InvalidArgument.each([("priority", "must be between -1000 and 1000")])
+    assert str(one) == "priority: must be between -1000 and 1000"
+    both = api.InvalidArgument.each([("spec.loss.name", "unknown loss"), ("priority", "too high")])
+    assert api.violations(both) == [("spec.loss.name", "unknown loss"), ("priority", "too high")]
+    assert str(both).startswith("invalid request (2 problems):")
