@@ -159,6 +159,13 @@ def test_server_commands_name_the_service_extra(tmp_path, command):
     assert not (tmp_path / "data").exists()
 
 
+def test_plot_names_its_extra(tmp_path):
+    out = trainer("plot", "job-0123456789abcdef0123", "--address", "127.0.0.1:1", cwd=tmp_path)
+    assert out.returncode == 2, explain(out)
+    assert "pip install 'stepstream[plot]'" in out.stderr, explain(out)
+    assert "Traceback" not in out.stdout + out.stderr, explain(out)
+
+
 def test_help_lists_the_server_commands(tmp_path):
     out = trainer("--help", cwd=tmp_path)
     assert out.returncode == 0, explain(out)

@@ -173,7 +173,7 @@ def _plot(args: argparse.Namespace) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("trainer plot needs matplotlib: pip install '.[plot]'", file=sys.stderr)
+        print("trainer plot needs matplotlib: pip install 'stepstream[plot]'", file=sys.stderr)
         return 2
     with connect(args) as client:
         job = client.job(resolve_job(client, args.job))
