@@ -15,7 +15,8 @@ from collections.abc import Callable
 import grpc
 import sqlalchemy.exc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from stepstream.kernel.spec import SpecError
@@ -88,6 +89,12 @@ def violations(exc: Exception) -> list[tuple[str, str]]:
     return []
 
 
+def _packed(detail: Message) -> any_pb2.Any:
+    out = any_pb2.Any()
+    out.Pack(detail)
+    return out
+
+
 def rich_status(code: grpc.StatusCode, message: str, exc: Exception) -> grpc.Status:
     """The status with its details: ErrorInfo always, BadRequest when fields are wrong."""
     reason = getattr(exc, "reason", None) or ("spec_invalid" if isinstance(exc, SpecError) else "")
@@ -103,14 +110,10 @@ def rich_status(code: grpc.StatusCode, message: str, exc: Exception) -> grpc.Sta
             ]
         )
         details.append(request)
-    packed = []
-    for detail in details:
-        any_detail = any_pb2.Any()
-        any_detail.Pack(detail)
-        packed.append(any_detail)
-    status = status_pb2.Status(code=code.value[0], message=message, details=packed)
-    assert status.code != code_pb2.OK
-    return rpc_status.to_status(status)
+    packed = [_packed(detail) for detail in details]
+    return rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=packed)
+    )
 
 
 def handled(method: Callable) -> Callable:
