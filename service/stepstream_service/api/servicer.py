@@ -86,10 +86,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._check_open()
         tenant = self.auth.tenant_of(context)
         bad: list[tuple[str, str]] = []
+        refused: SpecError | InvalidArgument | None = None
         try:
             spec = spec_of(request.spec_json, self.limits)
         except (SpecError, InvalidArgument) as exc:
-            spec, bad = None, violations(exc)
+            spec, refused = None, exc
         if spec is not None and tenant is not None and spec.dataset.name == "npz":
             mine = f"uploads/{tenant}/"
             path = spec.dataset.path or ""
@@ -102,6 +103,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             bad.append(("request_id", "at most 128 characters, and no NUL"))
         if request.max_attempts < 0 or request.max_attempts > 100:
             bad.append(("max_attempts", "must be between 0 and 100"))
+        if refused is not None:
+            if not bad:
+                raise refused  # the spec alone is wrong: its own error, every problem listed
+            bad = violations(refused) + bad
         if bad:
             raise InvalidArgument.each(bad)
         assert spec is not None
