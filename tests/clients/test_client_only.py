@@ -243,7 +243,7 @@ def test_kernel_unit_tests_pass_on_the_floors():
         "-p",
         "no:cacheprovider",
         "tests/unit/kernel",
-        "tests/unit/test_spec.py",
+        "tests/unit/kernel/test_spec.py",
         "--deselect",
         VERSION_BOUND,
         cwd=ROOT,

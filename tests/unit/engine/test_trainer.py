@@ -12,8 +12,7 @@ from stepstream.kernel import names
 from stepstream.kernel.spec import JobSpec, load_spec
 from stepstream_service.engine.datasets import DataPaths
 from stepstream_service.engine.trainer import NoGPU, gpu_available, latest_checkpoint, train
-
-from ..conftest import EXAMPLES
+from tests.conftest import EXAMPLES
 
 
 def run(spec: dict | JobSpec, tmp_path, should_stop=lambda: False, resume=False, workdir=None):

@@ -430,7 +430,7 @@ def test_round_trip_through_dict():
 def test_examples_are_valid():
     from pathlib import Path
 
-    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+    examples = sorted((Path(__file__).parents[3] / "examples").glob("*.yaml"))
     assert len(examples) >= 4
     for path in examples:
         load_spec(path)
