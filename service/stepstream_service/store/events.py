@@ -60,6 +60,9 @@ class NewEvent:
         return cls(event.kind, to_payload(event), event.time)
 
 
+_SELECTED = ", ".join(c.name for c in EVENT_COLUMNS)
+
+
 class EventLog(Database):
     """Events are appended inside the caller's transaction, last, and read by job or by id."""
 
@@ -75,16 +78,15 @@ class EventLog(Database):
     # which took more of a poll than the query did.
     @functools.cached_property
     def _events_of_job(self) -> str:
-        columns = ", ".join(c.name for c in EVENT_COLUMNS)
         return (
-            f"SELECT {columns} FROM events WHERE job_id = {self.mark} AND seq > {self.mark} "
+            f"SELECT {_SELECTED} FROM events WHERE job_id = {self.mark} AND seq > {self.mark} "
             f"ORDER BY seq LIMIT {self.mark}"
         )
 
     @functools.cached_property
     def _events_since(self) -> str:
-        columns = ", ".join(c.name for c in EVENT_COLUMNS)
-        return f"SELECT {columns} FROM events WHERE id > {self.mark} ORDER BY id LIMIT {self.mark}"
+        mark = self.mark
+        return f"SELECT {_SELECTED} FROM events WHERE id > {mark} ORDER BY id LIMIT {mark}"
 
     def append_events(
         self, job_id: str, worker: str, new: list[NewEvent], progress: dict[str, Any]
