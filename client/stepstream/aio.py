@@ -91,13 +91,13 @@ class AsyncTrainingClient(Connection, ClientSurface[Awaitable[AsyncJob], AsyncIt
         return AsyncJob(self, await self._run(self._ops.submit(request)))
 
     async def _run(self, program: Program[T]) -> T:
-        run = Run(program)
+        run = Run(program, self._explain)
         async for _ in self._steps(run):
             raise TypeError("a program run for its result emitted a value")
         return run.result  # type: ignore[return-value]
 
     def _iterate(self, program: Program[None]) -> AsyncIterator[Any]:
-        return self._steps(Run(program))
+        return self._steps(Run(program, self._explain))
 
     async def _steps(self, run: Run[Any]) -> AsyncIterator[Any]:
         try:

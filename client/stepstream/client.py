@@ -123,13 +123,13 @@ class TrainingClient(Connection, ClientSurface[Job, Iterator[JobInfo]]):
         return Job(self, self._run(self._ops.submit(request)))
 
     def _run(self, program: Program[T]) -> T:
-        run = Run(program)
+        run = Run(program, self._explain)
         for _ in self._steps(run):
             raise TypeError("a program run for its result emitted a value")
         return run.result  # type: ignore[return-value]
 
     def _iterate(self, program: Program[None]) -> Iterator[Any]:
-        return self._steps(Run(program))
+        return self._steps(Run(program, self._explain))
 
     def _steps(self, run: Run[Any]) -> Iterator[Any]:
         try:

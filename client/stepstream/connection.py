@@ -57,6 +57,50 @@ class Credentials:
             return grpc.aio.secure_channel(address, self.channel_credentials(), CHANNEL_OPTIONS)
         return grpc.aio.insecure_channel(address, CHANNEL_OPTIONS)
 
+    def hint(self, details: str) -> str | None:
+        """What these credentials likely lack when the server closed the connection at once
+        (gRPC says only "Socket closed"), or None."""
+        if "socket closed" not in details.lower():
+            return None
+        if not self.secure:
+            return TLS_HINT
+        if not self.client_cert:
+            return CLIENT_CERT_HINT
+        return None
+
+
+TLS_HINT = (
+    "the server may require TLS: use --tls (and --ca-cert FILE) with `trainer`, or tls=True "
+    "(and ca_cert=FILE) with the Python client"
+)
+CLIENT_CERT_HINT = (
+    "the server may require a client certificate: use --client-cert and --client-key with "
+    "`trainer`, or client_cert= and client_key= with the Python client"
+)
+
+
+class HintedRpcError(grpc.RpcError):
+    """A failed call's error with a hint at its likely cause added to its details; the code,
+    metadata and the rest are the call's own."""
+
+    def __init__(self, error: grpc.RpcError, hint: str):
+        super().__init__(error)
+        self.error, self.hint = error, hint
+
+    def code(self) -> grpc.StatusCode:
+        return self.error.code()  # type: ignore[attr-defined]
+
+    def details(self) -> str:
+        return f"{self.error.details()}; {self.hint}"  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "error":  # not set yet (a copy being made): no call to ask
+            raise AttributeError(name)
+        return getattr(self.error, name)
+
+    def __str__(self) -> str:
+        return f"{self.code().name}: {self.details()}"
+
 
 class Connection:
     """What both clients are built on: the address, the default deadline of a call, the
@@ -80,6 +124,8 @@ class Connection:
         makes the connection TLS, and a client certificate mutual TLS."""
         self.address, self.timeout = address, timeout
         credentials = Credentials(token, tls, ca_cert, client_cert, client_key)
+        # A channel given is the caller's to explain: its credentials are not known here.
+        self._credentials = credentials if channel is None else None
         self._channel = channel or self._connect(credentials)
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         self._metadata = credentials.metadata()
@@ -87,3 +133,14 @@ class Connection:
     def _connect(self, credentials: Credentials) -> Any:
         """A new channel to `self.address`, of the client's kind."""
         raise NotImplementedError
+
+    def _explain(self, error: grpc.RpcError) -> grpc.RpcError:
+        """`error`, with a hint when the server closed a connection these credentials made."""
+        code = getattr(error, "code", None)
+        details = getattr(error, "details", None)
+        if self._credentials is None or not callable(code) or not callable(details):
+            return error
+        if code() != grpc.StatusCode.UNAVAILABLE:
+            return error
+        hint = self._credentials.hint(details() or "")
+        return HintedRpcError(error, hint) if hint else error

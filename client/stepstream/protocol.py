@@ -89,10 +89,16 @@ END = _End()  # what Next answers once a stream is exhausted
 class Run(Generic[T]):
     """One program under way. Iterate it for the operations it asks for and answer each with
     `reply` or `fail` (`settle` and `settle_async` do either); `result` is what it returned.
-    `close` stops it early, runs its cleanup and cancels every stream it opened."""
+    `close` stops it early, runs its cleanup and cancels every stream it opened. `explain`
+    may add to a failed call's error what the connection likely got wrong."""
 
-    def __init__(self, program: Program[T]):
+    def __init__(
+        self,
+        program: Program[T],
+        explain: Callable[[grpc.RpcError], grpc.RpcError] | None = None,
+    ):
         self._program = program
+        self._explain = explain or (lambda error: error)
         self._op: Op | None = None
         self._reply: Any = None
         self._error: BaseException | None = None
@@ -127,13 +133,13 @@ class Run(Generic[T]):
         try:
             self.reply(perform(op))
         except grpc.RpcError as exc:
-            self.fail(exc)
+            self.fail(self._explain(exc))
 
     async def settle_async(self, pending: Awaitable[Any]) -> None:
         try:
             self.reply(await pending)
         except grpc.RpcError as exc:
-            self.fail(exc)
+            self.fail(self._explain(exc))
 
     def close(self) -> None:
         self._program.close()

@@ -58,10 +58,11 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--metrics-port", type=int, default=None)
+    p.add_argument("--metrics-host", default=None, help="where the metrics port listens")
     _store_flags(p)
     p = command("worker", _worker, "run this machine's workers against a shared store", False)
     _store_flags(p)
-    p.add_argument("--host", default=None, help="where the metrics port listens")
+    p.add_argument("--metrics-host", "--host", default=None, help="where the metrics port listens")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics, if set")
     p = command("token", _token, "make a bearer token for a tenant", remote=False)
     p.add_argument("tenant")
@@ -127,6 +128,7 @@ _SERVICE_FLAGS = (
     "store",
     "data_dir",
     "host",
+    "metrics_host",
     "artifacts",
 )
 
@@ -157,7 +159,7 @@ def _serve(args: argparse.Namespace) -> int:
     store = _safe(settings.store_url)
     print(
         f"trainer serve: grpc {server.host}:{server.port} metrics "
-        f"{server.host}:{server.metrics_port} workers {workers} store {store}; "
+        f"{server.metrics_host}:{server.metrics_port} workers {workers} store {store}; "
         f"{server.describe}",
         flush=True,
     )
@@ -168,7 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     """Workers on this machine joining the pool of a shared store: one per GPU, or N."""
-    from stepstream_service.runtime.server import Supervisor
+    from stepstream_service.runtime.server import Supervisor, metrics_server
     from stepstream_service.store import Store
     from stepstream_service.store.schema import SchemaError
 
@@ -180,7 +182,7 @@ def _worker(args: argparse.Namespace) -> int:
     except SchemaError as exc:
         print(f"trainer worker: {exc}", file=sys.stderr)
         return 5
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
 
     from stepstream_service.runtime.metrics import WorkerHostMetrics
 
@@ -188,10 +190,10 @@ def _worker(args: argparse.Namespace) -> int:
     supervisor = Supervisor(settings, WorkerHostMetrics(registry))
     http = None
     if args.metrics_port is not None:
-        http, _ = start_http_server(args.metrics_port, addr=settings.host, registry=registry)
+        http = metrics_server(settings, registry, port=args.metrics_port)
     supervisor.start()
     slots = ", ".join(slot for slot, _ in supervisor.slots)
-    metrics = f" metrics {settings.host}:{http.server_port}" if http else ""
+    metrics = f" metrics {settings.metrics_host}:{http.server_port}" if http else ""
     print(f"trainer worker: {slots}{metrics} store {_safe(settings.store_url)}", flush=True)
     _until_signalled()
     supervisor.stop(grace=settings.grace_seconds)
@@ -203,7 +205,12 @@ def _worker(args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     """A new random token: the client keeps the token, the server's tokens file the digest."""
     from stepstream_service.api.auth import digest, new_token
+    from stepstream_service.tenants import tenant_problem
 
+    # The server refuses a tokens file with such a name at start-up: refuse it here first.
+    if problem := tenant_problem(args.tenant):
+        print(f"trainer token: {problem}", file=sys.stderr)
+        return 2
     token = new_token()
     print(f"token (give it to {args.tenant}; it is shown once): {token}")
     print(f"line for the server's tokens file:\n{args.tenant} {digest(token)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9464
+    # The metrics port has no authentication and names every tenant's jobs: loopback unless
+    # asked (a scraper elsewhere); TLS with the server's certificate when it has one.
+    metrics_host: str = "127.0.0.1"
+    metrics_job_names: bool = True  # false: per-job series carry the job id only
     workers: int = 1
     gpus: str = "none"  # all | none | 0,1
     store: str | None = None  # a SQLAlchemy URL; SQLite under data_dir when unset
@@ -42,6 +47,9 @@ class Settings(BaseSettings):
     worker_max_growth_mib: int = 2048
     max_upload_bytes: int = 512 * 1024 * 1024
     metrics_linger_seconds: float = 300.0
+    # Where a GPU slot's lock lives: machine-wide, so two supervisors (one restarted after a
+    # crash) never run two workers on one device; a CPU slot's lock is under data_dir.
+    gpu_lock_dir: Path = Path(tempfile.gettempdir())
 
     # Trust. Without tokens_file (or mTLS) the server listens on loopback only.
     tokens_file: Path | None = None  # `TENANT sha256:HEX` lines, or a folder of such files
@@ -51,8 +59,14 @@ class Settings(BaseSettings):
 
     # Limits, each named in the error that enforces it.
     max_message_bytes: int = 8 * 1024 * 1024
+    # A job's spec is kept with it and sent with every answer about it (labels included).
+    max_spec_bytes: int = 64 * 1024
     max_queued_per_tenant: int = 1000
     max_watchers_per_tenant: int = 64
+    # What a tenant may keep stored: its jobs' events, models and checkpoints, and its uploads.
+    # At or over it, submits and uploads are refused and its running jobs fail; 0: no quota.
+    tenant_storage_bytes: int = 20 * 1024**3
+    storage_check_seconds: float = 5.0  # how often a running job's worker looks at the usage
     rpc_threads: int = 256  # streams are capped below it, so unary calls always find a thread
     # The nice value of the RPC threads and the event tail (0: as the workers). On a machine
     # shared with workers, streams then yield the CPU to training (bench/phases.py).
@@ -61,6 +75,11 @@ class Settings(BaseSettings):
     max_epochs: int = 10_000
     max_layers: int = 64
     max_units: int = 16_384
+    # A job's estimated peak memory (engine.footprint) is refused at submit above the largest
+    # live worker's memory; with no worker registered yet, above this.
+    max_job_bytes: int = 64 * 1024**3
+    # What an upload's arrays may expand to, read from its .npy headers (a zip of zeros is tiny).
+    max_upload_expanded_bytes: int = 8 * 1024**3
     keepalive_seconds: float = 60.0
 
     # Shutdown and retention.

@@ -19,3 +19,15 @@ class DatasetInvalid(TrainerError):
     """The data exist but cannot feed this job (wrong arrays, shapes or labels)."""
 
     reason = "dataset_invalid"
+
+
+class OutOfMemory(TrainerError):
+    """The job does not fit in the memory of the worker that claimed it."""
+
+    reason = "out_of_memory"
+
+
+class JobTooLarge(TrainerError):
+    """No worker of the pool could ever hold the job (or it is past max_job_bytes)."""
+
+    reason = "job_too_large"

@@ -13,6 +13,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from stepstream.kernel.events import Event
@@ -139,3 +140,20 @@ def tokens(tmp_path_factory) -> Tokens:
     file = tmp_path_factory.mktemp("tokens") / "tokens"
     file.write_text(f"# tenants of the fault suite\nteam-a {digest(alice)}\nteam-b {digest(bob)}\n")
     return Tokens(file, alice, bob)
+
+
+@pytest.fixture
+def raw():
+    """raw(svc) -> a plain stub on svc (client-side validation bypassed); closed after."""
+    from stepstream.v1 import trainer_pb2_grpc
+
+    channels: list[grpc.Channel] = []
+
+    def make(svc) -> trainer_pb2_grpc.TrainerServiceStub:
+        channel = grpc.insecure_channel(svc.address)
+        channels.append(channel)
+        return trainer_pb2_grpc.TrainerServiceStub(channel)
+
+    yield make
+    for channel in channels:
+        channel.close()

@@ -214,10 +214,15 @@ def test_an_out_of_memory_job_fails_clearly_and_the_worker_survives(start_servic
         "training": {"steps": 1, "batch_size": 500000},
     }
     with TrainingClient(svc.address) as c:
-        info = c.submit(huge).wait(timeout=120)
+        # Sized from its spec, it is refused at submit: no worker could hold it (or, before
+        # the worker has registered, it is over max_job_bytes). tests/faults/test_memory.py
+        # has a worker refuse one that got past submit.
+        with pytest.raises(grpc.RpcError) as caught:
+            c.submit(huge)
         after = c.submit(classes(20, "after-oom")).wait(timeout=60)
-    assert info.state == "FAILED" and info.failure.reason == "out_of_memory", info.failure
-    assert "smaller batch" in info.failure.message
+        assert [j.name for j in c.jobs()] == [after.name]  # the refused job was never queued
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "smaller batch" in caught.value.details() and "GiB" in caught.value.details()
     assert after.state == "SUCCEEDED"
     assert svc.worker_pids() == pids  # the same process: it was not killed or restarted
 

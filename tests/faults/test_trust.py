@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
@@ -119,21 +120,6 @@ def bearer(token: str) -> list[tuple[str, str]]:
 def stub_of(svc: ServiceProcess) -> tuple[grpc.Channel, trainer_pb2_grpc.TrainerServiceStub]:
     channel = grpc.insecure_channel(svc.address)
     return channel, trainer_pb2_grpc.TrainerServiceStub(channel)
-
-
-@pytest.fixture
-def raw(request):
-    """raw(svc) -> a plain stub on svc (client-side validation bypassed); closed after."""
-    channels: list[grpc.Channel] = []
-
-    def make(svc: ServiceProcess) -> trainer_pb2_grpc.TrainerServiceStub:
-        channel, stub = stub_of(svc)
-        channels.append(channel)
-        return stub
-
-    yield make
-    for channel in channels:
-        channel.close()
 
 
 def failure(call: Callable[[], Any]) -> grpc.RpcError:
@@ -559,7 +545,7 @@ def test_spec_at_the_limits_is_accepted(guarded, tokens):
 def test_uploads_are_limited_and_leave_nothing_behind(guarded, tokens, tmp_path):
     big, small = tmp_path / "big.npz", tmp_path / "small.npz"
     big.write_bytes(os.urandom(4097))
-    small.write_bytes(os.urandom(4096))
+    np.savez(small, x=np.zeros((4, 2), "float32"), y=np.zeros(4, "int64"))  # npz: checked
     folder = guarded.data_dir / "uploads" / "team-b"
     with TrainingClient(guarded.address, token=tokens.bob) as bob:
         err = failure(lambda: bob.upload_dataset("too-big", big, chunk_size=1000))
@@ -611,7 +597,7 @@ ELSEWHERE = [
 
 def test_a_dataset_path_must_be_one_of_the_tenants_uploads(guarded, tokens, tmp_path):
     data = tmp_path / "d.npz"
-    data.write_bytes(b"not checked on upload")
+    np.savez(data, x=np.zeros((4, 2), "float32"), y=np.zeros(4, "int64"))
     with (
         TrainingClient(guarded.address, token=tokens.alice) as alice,
         TrainingClient(guarded.address, token=tokens.bob) as bob,

@@ -77,7 +77,8 @@ class ServiceProcess:
         # 0.0.0.0 listens on every address, loopback included.
         reach = "127.0.0.1" if self.host == "0.0.0.0" else self.host
         self.address = f"{reach}:{self.port}"
-        self.metrics_url = f"http://{reach}:{self.metrics_port}/metrics"
+        metrics = "127.0.0.1" if self.metrics_host == "0.0.0.0" else self.metrics_host
+        self.metrics_url = f"http://{metrics}:{self.metrics_port}/metrics"
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)

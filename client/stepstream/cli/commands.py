@@ -98,7 +98,9 @@ def _follow(job, metric: str, total: int, args: argparse.Namespace, after_seq: i
         )
         return EXIT_INTERRUPTED
     bar.close()
-    return STATE_EXIT.get(final or "", 1)
+    if final is None:  # resumed after the terminal event: the stream had nothing left to say
+        final = job.info().state
+    return STATE_EXIT.get(final, 1)
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -43,6 +43,11 @@ def _why_unreachable(details: str) -> str:
         return "connection refused"
     if "resolv" in text or "domain name not found" in text:
         return "the host name does not resolve"
+    if "socket closed" in text:
+        return (
+            "it closed the connection at once: it may require TLS (--tls, --ca-cert) or a "
+            "client certificate (--client-cert, --client-key)"
+        )
     if "handshake" in text or "ssl" in text or "tls" in text:
         return "the TLS handshake failed; check --tls and the certificates"
     return details.rsplit(": ", 1)[-1].strip() or "no connection"
@@ -80,6 +85,9 @@ def rpc_error_text(exc: Any, address: str) -> str:
     code = exc.code() if callable(getattr(exc, "code", None)) else None
     details = (exc.details() if callable(getattr(exc, "details", None)) else None) or ""
     name = getattr(code, "name", "UNKNOWN")
+    hint = getattr(exc, "hint", None)  # what the client knows its connection lacked
+    if name == "UNAVAILABLE" and hint:
+        return f"error: the server at {address} closed the connection at once: {hint}"
     if name == "UNAVAILABLE" and unreachable(details):
         return no_server_hint(address, details)
     violations = field_violations(exc) if name == "INVALID_ARGUMENT" else []

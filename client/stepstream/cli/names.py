@@ -43,7 +43,8 @@ def resolve_job(client: Any, text: str) -> str:
     if len(found) == 1:
         return found[0].id
     if not found:
-        raise CliError(f"no job has the id or the name {text!r} (see `trainer jobs`)", EXIT_SERVER)
+        shown = text if len(text) <= 80 else f"{text[:80]}... ({len(text)} characters)"
+        raise CliError(f"no job has the id or the name {shown!r} (see `trainer jobs`)", EXIT_SERVER)
     shown = found[:10]
     rows = [[j.id, j.display_name, str(j.state), human_age(j.create_time)] for j in shown]
     lines = table(["ID", "NAME", "STATE", "CREATED"], rows).splitlines()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+MAX_MESSAGE_CHARS = 4096
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -13,6 +15,13 @@ class Failure:
     reason: str
     message: str
     step: int | None = None
+
+    def __post_init__(self) -> None:
+        # Sent with every answer about the job: a framework's error text can be any size.
+        if len(self.message) > MAX_MESSAGE_CHARS:
+            cut = " ... (cut)"
+            kept = self.message[: MAX_MESSAGE_CHARS - len(cut)] + cut
+            object.__setattr__(self, "message", kept)
 
     def to_dict(self) -> dict[str, Any]:
         return {"reason": self.reason, "message": self.message, "step": self.step}

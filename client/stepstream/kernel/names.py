@@ -227,6 +227,11 @@ def canonical(kind: str, name: str) -> str:
     key = ALIASES.get(kind, {}).get(key, key)
     if key in CANONICAL[kind]:
         return key
+    shown = (
+        repr(name)
+        if len(str(name)) <= 64
+        else f"{str(name)[:64]!r}... ({len(str(name))} characters)"
+    )
     raise UnknownNameError(
-        f"unknown {kind} {name!r}; valid {kind} names: {', '.join(valid_names(kind))}"
+        f"unknown {kind} {shown}; valid {kind} names: {', '.join(valid_names(kind))}"
     )

@@ -31,6 +31,18 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
+MAX_LABELS = 64
+MAX_LABEL_VALUE_CHARS = 256
+MAX_PATH_CHARS = 1024
+
+
+def _shown(value: object, limit: int = 64) -> str:
+    """`value` as an error may quote it: never more than `limit` characters of a tenant's
+    input, whatever its size."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 @dataclass(frozen=True)
 class Problem:
     field: str
@@ -362,7 +374,9 @@ class OptimizerSpec(_Spec):
 
 class DatasetSpec(_Spec):
     name: str = "fashion_mnist"
-    path: str | None = Field(None, description="The .npz file for dataset npz.")
+    path: str | None = Field(
+        None, description="The .npz file for dataset npz.", max_length=MAX_PATH_CHARS
+    )
     num_samples: Annotated[int, Field(ge=10, le=10_000_000)] | None = None
     noise: Annotated[float, Field(ge=0)] | None = None
     num_features: Annotated[int, Field(ge=1, le=100_000)] | None = None
@@ -393,6 +407,8 @@ class DatasetSpec(_Spec):
         _only_options(self, self.info.options | common, f"dataset {self.name}")
         if self.name == "npz" and not self.path:
             raise _conflict("path", "dataset npz needs path: the .npz file to load")
+        if self.path is not None and not self.path.isprintable():
+            raise _conflict("path", "no control characters (NUL, newline, ...) in a path")
         return self
 
     @property
@@ -511,13 +527,23 @@ class RuntimeSpec(_Spec):
 
 _OUTPUT_ACTIVATION = {"sparse": "softmax", "one_hot": "softmax", "binary": "sigmoid"}
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# Labels are kept with the job and sent with every answer about it, so their count and sizes
+# are bounded here, where both client and server check them (as Kubernetes bounds its own).
+_LABEL_KEY = _JOB_NAME
 
 
 class JobSpec(_Spec):
     """A training job. Parse with `JobSpec.parse(data)` or `load_spec(path)`."""
 
     name: str = "job"
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_LABELS,
+        description=(
+            f"At most {MAX_LABELS}; keys as job names (1-63 letters, digits, '_', '.', '-'), "
+            f"values of at most {MAX_LABEL_VALUE_CHARS} printable characters."
+        ),
+    )
     model: ModelSpec = Field(default_factory=MLPModel)
     loss: LossSpec | None = Field(None, description="The dataset's natural loss when unset.")
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
@@ -533,6 +559,24 @@ class JobSpec(_Spec):
             raise ValueError(
                 "use 1-63 letters, digits, '_', '.', '-', starting with a letter/digit"
             )
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _LABEL_KEY.match(key):
+                raise _conflict(
+                    _shown(key),
+                    "a label key is 1-63 letters, digits, '_', '.', '-', starting with a "
+                    "letter/digit",
+                )
+            if len(value) > MAX_LABEL_VALUE_CHARS or not value.isprintable():
+                raise _conflict(
+                    key,
+                    f"a label value is at most {MAX_LABEL_VALUE_CHARS} printable characters "
+                    f"(no NUL, newline or other control character); this one has {len(value)}",
+                )
         return v
 
     @field_validator("model", mode="before")

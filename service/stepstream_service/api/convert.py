@@ -28,11 +28,16 @@ def job_id_of(name: str, field: str = "name") -> str:
     return match.group(1)
 
 
-def spec_of(text: str, limits: SpecLimits) -> JobSpec:
+def spec_of(text: str, limits: SpecLimits, max_bytes: int | None = None) -> JobSpec:
     """The validated spec in a request's spec_json: every problem at once, or SpecError."""
     if not text.strip():
         raise InvalidArgument(
             "spec_json", "required: the job spec as JSON text (see GetJobSpecSchema)"
+        )
+    size = len(text.encode())
+    if max_bytes is not None and size > max_bytes:
+        raise InvalidArgument(
+            "spec_json", f"{size} bytes, over this server's limit of {max_bytes} (max_spec_bytes)"
         )
 
     def refuse(constant: str) -> Any:
@@ -60,13 +65,19 @@ def downsample(n: int, max_points: int) -> list[int]:
     return picked[-max_points:]
 
 
+MAX_FILTER_CHARS = 2048
+
+
 def parse_filter(text: str) -> dict[str, Any]:
+    if len(text) > MAX_FILTER_CHARS:
+        raise InvalidArgument("filter", f"at most {MAX_FILTER_CHARS} characters, not {len(text)}")
     out: dict[str, Any] = {"states": [], "labels": {}, "name": None}
     for term in text.replace(" AND ", " ").split():
         match = _FILTER_TERM.match(term)
         if not match:
+            shown = term if len(term) <= 80 else term[:80] + "..."
             raise InvalidArgument(
-                "filter", f"cannot read {term!r}; use state=RUNNING, name=NAME, label.KEY=VALUE"
+                "filter", f"cannot read {shown!r}; use state=RUNNING, name=NAME, label.KEY=VALUE"
             )
         key, value = match.groups()
         if key == "state":

@@ -21,8 +21,9 @@ from grpc_status import rpc_status
 
 from stepstream.kernel.spec import SpecError
 from stepstream_service.api.auth import Unauthenticated
-from stepstream_service.errors import TrainerError
+from stepstream_service.errors import JobTooLarge, TrainerError
 from stepstream_service.store import AlreadyExists, JobFinished, JobNotFound, QueueFull
+from stepstream_service.store.errors import StorageQuotaExceeded
 
 log = logging.getLogger(__name__)
 DOMAIN = "stepstream"
@@ -65,7 +66,9 @@ ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (JobFinished, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (JobTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StorageQuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
     (sqlalchemy.exc.OperationalError, grpc.StatusCode.UNAVAILABLE),

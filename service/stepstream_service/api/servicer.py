@@ -6,22 +6,25 @@ Conversions live in api.convert, the error table in api.errors, the watch fan-ou
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import json
 import logging
 import math
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from stepstream.kernel import names
 from stepstream.kernel.schema import schema_text
-from stepstream.kernel.spec import SpecError, SpecLimits
+from stepstream.kernel.spec import JobSpec, SpecError, SpecLimits
+from stepstream.kernel.states import TERMINAL
 from stepstream.v1 import trainer_pb2 as pb
 from stepstream.v1 import trainer_pb2_grpc
 from stepstream_service.api.auth import Auth
 from stepstream_service.api.convert import (
-    downsample,
     job_id_of,
     job_to_proto,
     parse_filter,
@@ -35,6 +38,7 @@ from stepstream_service.api.errors import (
     handled,
     violations,
 )
+from stepstream_service.api.history import history
 from stepstream_service.api.watch import (
     MAX_PACE,
     PACE_PER_WATCHER,
@@ -44,9 +48,11 @@ from stepstream_service.api.watch import (
     until_tick,
 )
 from stepstream_service.config import Settings
+from stepstream_service.engine import footprint
+from stepstream_service.errors import DatasetInvalid, JobTooLarge, TrainerError
 from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.tail import EventTail
-from stepstream_service.store import Job, JobFinished, NewJob, Store
+from stepstream_service.store import Job, JobFinished, NewJob, Store, WorkerInfo, quota
 from stepstream_service.store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,11 @@ log = logging.getLogger(__name__)
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CHUNK = 1024 * 1024
 RESERVED_THREADS = 32  # RPC threads kept for unary calls however many streams are open
+LISTED_UPLOADS = 20  # a path that names no upload is answered with at most this many
+LIST_CHUNK = 20  # jobs read from the store at a time while a ListJobs page is built
+# Room left in a job's answer for what it gains after it is created: a failure message
+# (bounded in kernel.failures), test metrics, the worker's id.
+ANSWER_SLACK = 16 * 1024
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -88,7 +99,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         bad: list[tuple[str, str]] = []
         refused: SpecError | InvalidArgument | None = None
         try:
-            spec = spec_of(request.spec_json, self.limits)
+            spec = spec_of(request.spec_json, self.limits, self.settings.max_spec_bytes)
         except (SpecError, InvalidArgument) as exc:
             spec, refused = None, exc
         if spec is not None and tenant is not None and spec.dataset.name == "npz":
@@ -99,8 +110,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 bad.append(("spec.dataset.path", where))
         if request.priority and not -1000 <= request.priority <= 1000:
             bad.append(("priority", "must be between -1000 and 1000"))
-        if len(request.request_id) > 128 or "\x00" in request.request_id:
-            bad.append(("request_id", "at most 128 characters, and no NUL"))
+        if len(request.request_id) > 128 or not request.request_id.isprintable():
+            bad.append(("request_id", "at most 128 printable characters (no NUL or newline)"))
         if request.max_attempts < 0 or request.max_attempts > 100:
             bad.append(("max_attempts", "must be between 0 and 100"))
         if refused is not None:
@@ -110,7 +121,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if bad:
             raise InvalidArgument.each(bad)
         assert spec is not None
+        self._check_dataset(spec, tenant)
+        self._check_storage(tenant)
         max_attempts = request.max_attempts or self.settings.max_attempts
+        self._check_fits(spec)
         new = NewJob(
             name=spec.name,
             spec=spec.to_dict(),
@@ -123,6 +137,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             needs="gpu" if spec.runtime.device == "gpu" else "any",
             tenant=tenant or "",
         )
+        self._check_answer_fits(new)
         job, created = self.store.create_job(new, max_queued=self.settings.max_queued_per_tenant)
         if created:
             self.metrics.submissions.inc()
@@ -142,6 +157,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if not 0 < size <= 1000:
             raise InvalidArgument("page_size", "must be between 1 and 1000")
         after = None
+        if len(request.page_token) > 512:
+            raise InvalidArgument("page_token", "not a token this server gave out")
         if request.page_token:
             try:
                 created, job_id = base64.urlsafe_b64decode(request.page_token).decode().split("|")
@@ -150,13 +167,51 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 after = (float(created), job_id)
             except ValueError:
                 raise InvalidArgument("page_token", "not a token this server gave out") from None
-        found = self.store.list_jobs(after=after, limit=size + 1, tenant=tenant, **where)
+        page: list[pb.Job] = []
+        budget, last, more = self._page_bytes(), None, True
+        # A few jobs at a time, each made a message before the next are read: a tenant's
+        # largest jobs, listed by many callers at once, never sit in memory a page at a time.
+        while more and len(page) < size:
+            chunk = min(size - len(page), LIST_CHUNK) + 1
+            found = self.store.list_jobs(after=after, limit=chunk, tenant=tenant, **where)
+            more = len(found) == chunk
+            for job in found[: chunk - 1]:
+                message = job_to_proto(job)
+                budget -= message.ByteSize()
+                if page and budget < 0:
+                    break
+                page.append(message)
+                last = after = (job.created_at, job.id)
+            else:
+                continue
+            more = True  # the page is full by size: what was not sent comes next
+            break
         token = ""
-        if len(found) > size:
-            found = found[:size]
-            last = found[-1]
-            token = base64.urlsafe_b64encode(f"{last.created_at!r}|{last.id}".encode()).decode()
-        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in found], next_page_token=token)
+        if more and last is not None:
+            token = base64.urlsafe_b64encode(f"{last[0]!r}|{last[1]}".encode()).decode()
+        return pb.ListJobsResponse(jobs=page, next_page_token=token)
+
+    def _page_bytes(self) -> int:
+        """The size a ListJobs answer stops growing at: well under the message limit, so that
+        many concurrent listings of the largest jobs keep the server's memory bounded."""
+        return max(self.settings.max_message_bytes // 8, 64 * 1024)
+
+    def _check_answer_fits(self, new: NewJob) -> None:
+        """A job is created only when every answer about it can be sent: its spec, labels
+        and names, plus room for what it gains while running (failure message, metrics)."""
+        preview = pb.Job(
+            display_name=new.name,
+            spec_json=json.dumps(new.spec),
+            labels=new.labels,
+            request_id=new.request_id or "",
+        )
+        size, limit = preview.ByteSize() + ANSWER_SLACK, self.settings.max_message_bytes
+        if size > limit:
+            raise InvalidArgument(
+                "spec_json",
+                f"the job's answer would be about {size} bytes, over this server's "
+                f"limit of {limit} (max_message_bytes)",
+            )
 
     @handled
     def CancelJob(self, request, context):
@@ -210,6 +265,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         # tell everything since, state changes included.
         yield pb.WatchJobResponse(snapshot=job_to_proto(job))
         job_id, cursor = job.id, max(after_seq, 0)
+        if job.state in TERMINAL and cursor >= job.last_seq:
+            return  # the terminal event is the last and the caller has it: nothing will follow
         # Subscribe before reading the store: whatever the read misses, the tail delivers,
         # and seq numbers drop what both deliver. A seeded buffer needs no read at all.
         sub = self.tail.subscribe(job_id, cursor)
@@ -249,27 +306,20 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         tenant = self.auth.tenant_of(context)
         job_id = job_id_of(request.name)
         self.store.get_job(job_id, tenant)
-        steps, evals, cursor = [], [], 0
-        while True:
-            rows = self.store.read_events(job_id, cursor, 10000)
-            if not rows:
-                break
-            cursor = rows[-1].seq
-            steps.extend(r.payload for r in rows if r.kind == "step")
-            evals.extend(r.payload for r in rows if r.kind == "eval")
-        keep = downsample(len(steps), request.max_points)
-        picked = [steps[i] for i in keep]
-        nan = float("nan")
+        # One value per step: after a resume, the attempt that went on (see api/history.py).
+        found = history(self.store, job_id, request.max_points)
+        steps, loss, accuracy, mae, rate = list(zip(*found.points, strict=True)) or [()] * 5
         return pb.JobMetrics(
-            steps=[p["step"] for p in picked],
-            loss=[p["loss"] for p in picked],
-            accuracy=[nan if p["accuracy"] is None else p["accuracy"] for p in picked],
-            mae=[nan if p["mae"] is None else p["mae"] for p in picked],
-            learning_rate=[p["learning_rate"] for p in picked],
+            steps=steps,
+            loss=loss,
+            accuracy=accuracy,
+            mae=mae,
+            learning_rate=rate,
             evals=[
-                pb.EvalEvent(step=e["step"], split=e["split"], values=e["values"]) for e in evals
+                pb.EvalEvent(step=e["step"], split=e["split"], values=e["values"])
+                for e in found.evals
             ],
-            total_points=len(steps),
+            total_points=found.total,
         )
 
     @handled
@@ -295,6 +345,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def UploadDataset(self, request_iterator, context):
         self._check_open()
         tenant = self.auth.tenant_of(context)
+        self._check_storage(tenant)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "name":
             raise InvalidArgument("name", "the first message must carry the dataset's name")
@@ -318,6 +369,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                         )
                     digest.update(message.chunk)
                     out.write(message.chunk)
+            self._check_upload(partial, size)
             partial.replace(final)
             # Workers on other machines fetch it from the artifact store by this key.
             self.artifacts.put(final, key)
@@ -350,3 +402,84 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def GetJobSpecSchema(self, request, context):
         self.auth.tenant_of(context)
         return pb.JobSpecSchema(json_schema=self.schema)
+
+    def _check_fits(self, spec: JobSpec) -> None:
+        """Refuse a job that no live worker could ever hold: its estimated peak memory
+        (engine.footprint, from the spec and an upload's headers) against each worker's
+        registered memory; with none registered yet, against max_job_bytes."""
+        local = None
+        if spec.dataset.name == "npz":
+            local = footprint.local_npz(self.settings.data_dir, spec.dataset.path)
+        arrays = None
+        if local is not None:
+            with contextlib.suppress(TrainerError):  # a bad file: its job fails saying why
+                arrays = footprint.npz_arrays(local)
+        need = footprint.estimate(spec, arrays, local)
+        hint = "use a smaller batch, model or dataset"
+        within = 3 * self.settings.worker_seen_seconds
+        workers = [w for w in self.store.live_workers(within) if w.memory_bytes]
+        if spec.runtime.device == "gpu":
+            workers = [w for w in workers if w.gpus]
+        if not workers:
+            limit = self.settings.max_job_bytes
+            if need.total > limit:
+                raise JobTooLarge(
+                    f"the job needs {need.describe()}, over this server's limit of "
+                    f"{footprint.size(limit)} (max_job_bytes); {hint}"
+                )
+            return
+
+        def wanted(w: WorkerInfo) -> int:
+            # On a GPU the model and its batch live in the device's memory, which it registers.
+            return need.model if w.gpus and spec.runtime.device != "cpu" else need.total
+
+        if not any(wanted(w) <= (w.memory_bytes or 0) for w in workers):
+            largest = max(workers, key=lambda w: w.memory_bytes or 0)
+            raise JobTooLarge(
+                f"the job needs {need.describe()}; no worker could ever hold it: the largest "
+                f"has {footprint.size(largest.memory_bytes or 0)} (worker memory); {hint}"
+            )
+
+    def _check_upload(self, partial: Path, size: int) -> None:
+        """An upload is refused at once, nothing kept, unless the npz loader could read it:
+        a zip of .npy arrays with its inputs and labels, expanding to at most
+        max_upload_expanded_bytes (read from the headers, no array decompressed)."""
+        if size == 0:
+            expected = footprint.NPZ_EXPECTED
+            raise InvalidArgument("chunk", f"the upload is empty; expected {expected}")
+        try:
+            arrays = footprint.npz_arrays(partial)
+            footprint.check_npz(arrays, self.settings.max_upload_expanded_bytes)
+        except DatasetInvalid as exc:
+            raise InvalidArgument("chunk", f"the upload is refused: {exc}") from None
+
+    def _check_dataset(self, spec: JobSpec, tenant: str | None) -> None:
+        """An npz job reads one of its tenant's uploads: a path that names none is refused
+        here, rather than found missing when the job runs."""
+        if spec.dataset.name != "npz":
+            return
+        prefix = quota.uploads_prefix(tenant)
+        path = spec.dataset.path or ""
+        folder, _, file = path.rpartition("/")
+        named = folder == prefix and _UPLOAD_NAME.match(file.removesuffix(".npz"))
+        if named and file.endswith(".npz") and self.artifacts.exists(path):
+            return
+        sent = sorted(
+            f"{prefix}/{name}"
+            for name in self.artifacts.files(prefix)
+            if name.endswith(".npz") and not name.startswith(".")
+        )
+        if sent:
+            more = len(sent) - LISTED_UPLOADS
+            listed = ", ".join(sent[:LISTED_UPLOADS]) + (f" and {more} more" if more > 0 else "")
+            where = f"names none of your uploads ({listed})"
+        else:
+            where = "names no upload, and there is none yet"
+        raise InvalidArgument(
+            "spec.dataset.path",
+            f"{where}; send the file with UploadDataset (TrainingClient.upload_dataset(NAME, "
+            "FILE)) and use the path it returns",
+        )
+
+    def _check_storage(self, tenant: str | None) -> None:
+        quota.check_quota(self.store, self.artifacts, tenant, self.settings.tenant_storage_bytes)

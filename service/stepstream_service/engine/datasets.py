@@ -28,6 +28,9 @@ class DataPaths:
     keras_home: Path = Path.home() / ".keras"
     system_dir: Path = Path("/usr/share/datasets")
     download: bool = True
+    # The worker's uploads folder: an npz path is then a key under data_dir that must stay in
+    # it, symlinks followed, so a tenant's path reaches no other file on the server.
+    uploads: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -276,19 +279,52 @@ def _synthetic_sequence(spec: DatasetSpec, paths: DataPaths, seed: int) -> Array
     return Arrays(x, y, xt, yt, "sequence", "classification", k, "generated: sequences")
 
 
+_SHOWN_PATH_CHARS = 200  # a path in a message is cut here: it echoes the tenant's input
+
+
+def _npz_file(spec: DatasetSpec, paths: DataPaths) -> tuple[Path, str]:
+    """The file an npz dataset names, and the name messages give it: the path as written, so
+    a tenant is never shown where the server keeps its files."""
+    given = spec.path or ""
+    shown = given if len(given) <= _SHOWN_PATH_CHARS else f"{given[:_SHOWN_PATH_CHARS]}..."
+    path = Path(given)
+    if paths.data_dir is not None and not path.is_absolute():
+        path = paths.data_dir / path  # there only, never the process's working directory
+    try:
+        if paths.uploads is not None and not _inside_uploads(Path(given), path, paths.uploads):
+            raise DatasetUnavailable(
+                f"dataset.path {shown}: not one of the uploads; a job reads only files sent "
+                "with UploadDataset, by the path it returned"
+            )
+        found = path.is_file()
+    except OSError:  # a name too long for the file system, say: no file by that name
+        found = False
+    if not found:
+        if paths.uploads is not None or paths.data_dir is None:
+            raise DatasetUnavailable(f"dataset.path {shown}: no such file")
+        raise DatasetUnavailable(f"dataset.path {shown}: no such file (looked in {path})")
+    return path, shown
+
+
+def _inside_uploads(given: Path, path: Path, uploads: Path) -> bool:
+    """Whether `path` (the key `given` under the data folder) is a file of the uploads folder
+    that stays in its own folder once every symlink is followed."""
+    if given.is_absolute() or ".." in given.parts:
+        return False
+    root = uploads.resolve()
+    folder = path.parent.resolve()
+    return folder.is_relative_to(root) and path.resolve().is_relative_to(folder)
+
+
 def _npz(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     """Arrays from a local .npz: x_train/y_train (and x_test/y_test), or x/y."""
-    path = Path(spec.path or "")
-    if not path.is_absolute() and paths.data_dir is not None and (paths.data_dir / path).is_file():
-        path = paths.data_dir / path
-    if not path.is_file():
-        where = f" (also tried {paths.data_dir / path})" if paths.data_dir else ""
-        raise DatasetUnavailable(f"dataset.path {spec.path}: no such file{where}")
+    file, path = _npz_file(spec, paths)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(file, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, ValueError) as exc:
-        raise DatasetInvalid(f"dataset.path {path}: not a readable .npz file ({exc})") from None
+        detail = str(exc).replace(str(file), path)
+        raise DatasetInvalid(f"dataset.path {path}: not a readable .npz file ({detail})") from None
     x, y = arrays.get("x_train", arrays.get("x")), arrays.get("y_train", arrays.get("y"))
     if x is None or y is None:
         raise DatasetInvalid(
@@ -313,9 +349,7 @@ def _npz(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     y = y.reshape(len(y)) if integer_labels else y
     if yt is not None and integer_labels:
         yt = yt.reshape(len(yt))
-    return Arrays(
-        x, y, xt, yt, kind, task, num_classes if task == "classification" else None, str(path)
-    )
+    return Arrays(x, y, xt, yt, kind, task, num_classes if task == "classification" else None, path)
 
 
 LOADERS: Registry[Callable[[DatasetSpec, DataPaths, int], Arrays]] = Registry(

@@ -4,7 +4,6 @@ the store. Every step's loss and accuracy are emitted, at near-zero cost (see st
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -30,8 +29,11 @@ from stepstream_service.engine import datasets, models
 from stepstream_service.engine.datasets import Data, DataPaths
 from stepstream_service.engine.registry import LOSSES, METRICS, OPTIMIZERS, Labels, learning_rate
 from stepstream_service.engine.step_record import STEP_COUNT, STEP_LOSSES, STEP_VALUES, StepRecorder
-from stepstream_service.errors import TrainerError
-from stepstream_service.store.artifacts import KEEP_CHECKPOINTS
+from stepstream_service.store.artifacts import (
+    CheckpointScan,
+    checkpoint_name,
+    record_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,17 @@ def train(
     workdir: Path | str,
     paths: DataPaths | None = None,
     resume: bool = False,
+    resume_upto: int | None = None,
     job_id: str | None = None,
     handing_back: Callable[[], bool] = lambda: False,
 ) -> ResultEvent:
     """Train `spec`, emitting events; return (and emit) the final ResultEvent.
 
     `workdir` receives checkpoints and the saved model. With `resume`, training continues
-    from the latest checkpoint there, if any. A run that fails while training (non-finite
-    loss, timeout, out of memory) ends in a failed result; a dataset that cannot be had
-    raises a `TrainerError`. `job_id` names the job in log lines (the spec's name otherwise).
+    from the latest checkpoint there, if any (none past step `resume_upto`). A run that fails
+    while training (non-finite loss, timeout, out of memory) ends in a failed result; a
+    dataset that cannot be had raises a `TrainerError`. `job_id` names the job in log lines
+    (the spec's name otherwise).
     When `should_stop` stops the run and `handing_back()` is true (its process is shutting
     down, not cancelling), a checkpoint is written first, so the next attempt loses no step.
     """
@@ -81,6 +85,7 @@ def train(
         with _placement(spec):
             run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started, job_id)
             run.handing_back = handing_back
+            run.resume_upto = resume_upto
             result = run.execute(resume)
     finally:
         keras.config.set_dtype_policy(previous_policy)
@@ -137,66 +142,9 @@ class NoGPU(RuntimeError):
     reason = "no_gpu"
 
 
-class OutOfMemory(TrainerError):
-    reason = "out_of_memory"
-
-
-def _check_memory(model: keras.Model, spec: JobSpec, log: Callable[..., None]) -> None:
-    """Refuse, before the first step, a job whose batch cannot fit in this machine's memory.
-
-    On the CPU, TensorFlow does not raise when an allocation fails: its compute thread crashes
-    the whole process. So the activations of one batch (kept for the backward pass, with their
-    gradients and a working copy) and the weights with their gradients and optimizer slots
-    are estimated and compared with the memory the kernel says is available. On a GPU the
-    framework raises a proper error, caught around training.
-    """
-    if gpu_available():
-        return
-    available = _available_bytes()
-    if available is None:
-        return
-    per_example = 0
-    for layer in model.layers:
-        try:
-            shape = layer.output.shape
-        except (AttributeError, ValueError):
-            continue
-        size = 1
-        for dim in shape[1:]:
-            size *= dim or 1
-        per_example += size
-    width = 2 if spec.runtime.precision == "mixed_float16" else 4
-    batch = spec.training.batch_size
-    need = 3 * batch * per_example * width + 4 * model.count_params() * 4
-    if need > available:
-        raise OutOfMemory(
-            f"out of memory: one batch needs about {need / 2**30:.1f} GiB (batch_size {batch}, "
-            f"{per_example:,} activations per example) and this worker has "
-            f"{available / 2**30:.1f} GiB available; use a smaller batch or model"
-        )
-    log("memory: about %.2f GiB of %.1f GiB available", need / 2**30, available / 2**30)
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def latest_checkpoint(workdir: Path | str) -> tuple[int, Path] | None:
-    """(step, path) of the newest complete checkpoint in `workdir`, if any."""
-    marker = Path(workdir) / "checkpoints" / "latest.json"
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    path = marker.parent / info["file"]
-    return (int(info["step"]), path) if path.is_file() else None
+    """(step, path) of the newest checkpoint in `workdir` that matches its sha256, if any."""
+    return next(CheckpointScan(Path(workdir) / "checkpoints").intact(), None)
 
 
 class _Run:
@@ -205,6 +153,7 @@ class _Run:
         self.emit: Emit = emit
         self.should_stop: ShouldStop = should_stop
         self.handing_back: Callable[[], bool] = lambda: False
+        self.resume_upto: int | None = None  # see train()
         self.workdir: Path = workdir
         self.paths: DataPaths = paths
         self.started: float = started
@@ -215,6 +164,10 @@ class _Run:
         text = message % args if args else message
         log.info("job %s: %s", self.job_id, text)
         self.emit(LogEvent(text, time.time()))
+
+    def warn(self, text: str) -> None:
+        log.warning("job %s: %s", self.job_id, text)
+        self.emit(LogEvent(text, time.time(), level="warning"))
 
     # ---------------------------------------------------------------- setup
 
@@ -237,7 +190,6 @@ class _Run:
         self.total = t.steps if t.steps is not None else t.epochs * self.steps_per_epoch
 
         model = models.build(spec, data)
-        _check_memory(model, spec, self.log)
         loss = LOSSES.get(spec.loss.name)(spec.loss)
         window = self._window(model, data)
         self.labels = Labels(
@@ -265,15 +217,36 @@ class _Run:
             ", compiled with XLA" if model.jit_compile is True else "",
         )
 
-        start = 0
-        found = latest_checkpoint(self.workdir) if resume else None
-        if found:
-            start, path = found
-            model.optimizer.build(model.trainable_variables)
-            model.load_weights(path)
-            self.log("resumed from checkpoint at step %d", start)
+        start = self._resume(model) if resume else 0
         recorder.count.assign(0)
         return self._fit(start)
+
+    def _resume(self, model: keras.Model) -> int:
+        """Load the newest intact checkpoint; its step (0 when there is none). Each one passed
+        over is said, with why, in the same event as the step resumed from."""
+        scan = CheckpointScan(self.workdir / "checkpoints", self.resume_upto)
+        if not scan.existed:
+            return 0
+        model.optimizer.build(model.trainable_variables)
+        # A load that fails part-way must not leave a half-loaded model to start from 0 with.
+        variables = [*model.weights, *model.optimizer.variables]
+        fresh = [keras.ops.convert_to_numpy(v) for v in variables]
+        for step, path in scan.intact():
+            try:
+                model.load_weights(path)
+            except Exception as exc:  # whole by its checksum, yet not a model this job can use
+                log.warning("job %s: checkpoint %s not loaded", self.job_id, path, exc_info=True)
+                scan.passed_over(step, f"could not be loaded ({type(exc).__name__})")
+                continue
+            if scan.problems:
+                self.warn(scan.resumed_from(step))
+            else:
+                self.log(scan.resumed_from(step))
+            return step
+        for variable, value in zip(variables, fresh, strict=True):
+            variable.assign(value)
+        self.warn(scan.resumed_from(None))
+        return 0
 
     def _step_value(self, data: Data) -> str:
         if data.task == "regression":
@@ -394,15 +367,10 @@ class _Run:
     def checkpoint(self, step: int) -> None:
         folder = self.workdir / "checkpoints"
         folder.mkdir(exist_ok=True)
-        path = folder / f"step-{step:09d}.keras"
         _sync(self.model)
-        _atomic_save(self.model, path)
-        marker = folder / "latest.json"
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, "file": path.name}))
-        os.replace(tmp, marker)
-        for old in sorted(folder.glob("step-*.keras"))[:-KEEP_CHECKPOINTS]:
-            old.unlink(missing_ok=True)
+        _atomic_save(self.model, folder / checkpoint_name(step))
+        # Its sha256 recorded, and older ones pruned: a resume checks each before loading.
+        path = record_checkpoint(folder, step)
         self.emit(CheckpointEvent(step, str(path), time.time()))
 
     def learning_rates(self, first: int, count: int) -> np.ndarray:

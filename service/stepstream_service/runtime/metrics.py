@@ -13,7 +13,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from stepstream.kernel.states import TERMINAL
 
-_JOB = ("job_id", "name")
 # Series that exist from the start, at 0, so the first failure of a kind shows in increase().
 _REASONS = (
     "non_finite_loss",
@@ -24,6 +23,7 @@ _REASONS = (
     "dataset_invalid",
     "invalid_spec",
     "no_gpu",
+    "storage_quota_exceeded",
     "internal_error",
 )
 _DURATIONS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
@@ -31,8 +31,13 @@ _WAITS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300, 1800)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry):
+    """`job_names`: per-job series carry the job's name beside its id; without, the id only
+    (a name can say more about a tenant's work than whoever scrapes should learn)."""
+
+    def __init__(self, registry: CollectorRegistry, *, job_names: bool = True):
         self.registry = registry
+        self.job_names = job_names
+        _JOB = ("job_id", "name") if job_names else ("job_id",)
         self.job_loss = Gauge(
             "trainer_job_loss", "Batch loss of the job's last step.", _JOB, registry=registry
         )
@@ -102,7 +107,7 @@ class Metrics:
             self.completions.labels(state.value)
         for reason in _REASONS:
             self.failures.labels(reason)
-        self._ended: dict[tuple[str, str], float] = {}
+        self._ended: dict[tuple[str, ...], float] = {}
 
     def job_progress(
         self,
@@ -114,16 +119,20 @@ class Metrics:
         mae: float | None,
         steps_per_second: float,
     ) -> None:
-        self.job_step.labels(job_id, name).set(step)
-        self.job_loss.labels(job_id, name).set(loss)
+        key = self._key(job_id, name)
+        self.job_step.labels(*key).set(step)
+        self.job_loss.labels(*key).set(loss)
         if accuracy is not None:
-            self.job_accuracy.labels(job_id, name).set(accuracy)
+            self.job_accuracy.labels(*key).set(accuracy)
         if mae is not None:
-            self.job_mae.labels(job_id, name).set(mae)
-        self.job_steps_per_second.labels(job_id, name).set(steps_per_second)
+            self.job_mae.labels(*key).set(mae)
+        self.job_steps_per_second.labels(*key).set(steps_per_second)
+
+    def _key(self, job_id: str, name: str) -> tuple[str, ...]:
+        return (job_id, name) if self.job_names else (job_id,)
 
     def job_ended(self, job_id: str, name: str) -> None:
-        self._ended[(job_id, name)] = time.monotonic()
+        self._ended[self._key(job_id, name)] = time.monotonic()
 
     def forget_ended(self, linger_seconds: float) -> None:
         """Drop per-job series a while after the job ended, so the scrape stays small."""

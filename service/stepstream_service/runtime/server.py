@@ -6,16 +6,20 @@ import json
 import logging
 import os
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 from concurrent import futures
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from stepstream.v1 import trainer_pb2, trainer_pb2_grpc
 from stepstream_service.api.auth import Auth, TokenTable, is_loopback, server_credentials
@@ -24,6 +28,7 @@ from stepstream_service.api.servicer import TrainerServicer
 from stepstream_service.config import WORKER_RETIRED, Settings
 from stepstream_service.runtime.metrics import Metrics, WorkerHostMetrics
 from stepstream_service.runtime.priority import yield_cpu
+from stepstream_service.runtime.slots import lock_path
 from stepstream_service.runtime.tail import EventTail
 from stepstream_service.store import EVENTS_CHANNEL, Store
 from stepstream_service.store.artifacts import ArtifactStore
@@ -47,6 +52,53 @@ def gpu_ids(spec: str) -> list[str]:
     return [g.strip() for g in spec.split(",") if g.strip()]
 
 
+class _MetricsHandler(WSGIRequestHandler):
+    # A connection that says nothing, or never finishes its TLS handshake, is dropped after
+    # this long; meanwhile it holds only its own thread.
+    timeout = 10
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a scrape is not news
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    def handle_error(self, request: object, client_address: tuple) -> None:
+        # A plaintext client on the TLS port, a scanner, a dropped connection: no traceback.
+        log.debug("metrics port: a request from %s failed", client_address, exc_info=True)
+
+
+def metrics_server(
+    settings: Settings, registry: CollectorRegistry, port: int | None = None
+) -> WSGIServer:
+    """The Prometheus port: on metrics_host (loopback unless asked: it has no authentication
+    and lists every tenant's jobs), over TLS with the gRPC certificate when there is one.
+
+    prometheus_client's own start_http_server does the TLS handshake in its accept loop, where
+    one client that connects and sends nothing stops every scrape; here each connection does
+    its handshake in its own thread."""
+    port = settings.metrics_port if port is None else port
+    family, _, _, _, address = socket.getaddrinfo(
+        settings.metrics_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    server = type("MetricsServer", (_MetricsServer,), {"address_family": family})
+    http = make_server(
+        address[0], port, make_wsgi_app(registry), server, handler_class=_MetricsHandler
+    )
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        http.socket = context.wrap_socket(
+            http.socket, server_side=True, do_handshake_on_connect=False
+        )
+    threading.Thread(target=http.serve_forever, name="metrics", daemon=True).start()
+    return http
+
+
 class Supervisor:
     """One worker process per GPU (pinned with CUDA_VISIBLE_DEVICES) or N on the CPU; a worker
     that dies is started again, and its job comes back through the lease rescuer."""
@@ -61,6 +113,7 @@ class Supervisor:
         ]
         self.procs: dict[str, subprocess.Popen] = {}
         self.stopping = threading.Event()
+        self.started = threading.Event()
         self.lock = threading.Lock()
 
     def worker_id(self, slot: str) -> str:
@@ -80,6 +133,7 @@ class Supervisor:
             TRAINER_LEASE_SECONDS=str(s.lease_seconds),
             TRAINER_HEARTBEAT_SECONDS=str(s.heartbeat_seconds),
             TRAINER_POLL_SECONDS=str(s.poll_seconds),
+            TRAINER_GRACE_SECONDS=str(s.grace_seconds),
             CUDA_VISIBLE_DEVICES=devices,
         )
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -92,17 +146,28 @@ class Supervisor:
             "stepstream_service.runtime.worker",
             "--worker-id",
             self.worker_id(slot),
+            # The worker stops when this process dies, and holds its slot's lock for life.
+            "--parent-pid",
+            str(os.getpid()),
+            "--slot-lock",
+            str(lock_path(self.settings, slot)),
         ]
         self.procs[slot] = subprocess.Popen(cmd, env=self._env(devices))
         log.info("worker %s: started, pid %d", slot, self.procs[slot].pid)
 
     def start(self) -> None:
-        with self.lock:
-            for slot, devices in self.slots:
-                self._spawn(slot, devices)
+        # Workers are started from this one thread only: Linux signals a worker when the
+        # thread that started it ends (die_with_parent), so that thread must live as long as
+        # the supervisor does.
         threading.Thread(target=self._watch, name="supervisor", daemon=True).start()
+        self.started.wait(timeout=10)
 
     def _watch(self) -> None:
+        with self.lock:
+            for slot, devices in self.slots:
+                if not self.stopping.is_set():
+                    self._spawn(slot, devices)
+        self.started.set()
         while not self.stopping.wait(0.5):
             with self.lock:
                 for slot, devices in self.slots:
@@ -155,7 +220,7 @@ class Server:
         self.store = store or Store(settings.store_url)
         self.artifacts = ArtifactStore(settings.artifacts_url, settings.artifact_options)
         self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.registry, job_names=settings.metrics_job_names)
         self.wakeups = Wakeups(settings.store_url, (EVENTS_CHANNEL,))
         poll = (
             settings.notify_poll_seconds if self.wakeups.listening else settings.tail_poll_seconds
@@ -222,6 +287,7 @@ class Server:
             auth = f"{'tokens + ' if tokens else ''}client certificates"
         self.describe = f"auth {auth}, tls {'on' if self.tls else 'off'}"
         self.metrics_port = 0
+        self.metrics_host = settings.metrics_host
         self.supervisor = Supervisor(settings) if settings.workers > 0 else None
         self.stopping = threading.Event()
 
@@ -229,10 +295,7 @@ class Server:
         self.wakeups.start()
         self.tail.start()
         self.grpc.start()
-        # The same host as gRPC: without authentication, loopback only (job names are in it).
-        http, _ = start_http_server(
-            self.settings.metrics_port, addr=self.host, registry=self.registry
-        )
+        http = metrics_server(self.settings, self.registry)
         self.metrics_http = http
         self.metrics_port = http.server_port
         if self.supervisor:

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,14 +25,17 @@ from typing import Any
 
 import sqlalchemy.exc
 
-from stepstream.kernel.events import Event, ResultEvent
+from stepstream.kernel.events import Event, LogEvent, ResultEvent
 from stepstream.kernel.failures import Failure
 from stepstream.kernel.spec import JobSpec, SpecError
 from stepstream_service.config import WORKER_RETIRED, Settings
+from stepstream_service.engine import footprint
 from stepstream_service.engine.datasets import DataPaths
-from stepstream_service.errors import TrainerError
+from stepstream_service.errors import OutOfMemory, TrainerError
 from stepstream_service.store import QUEUE_CHANNEL, Job, JobState, LeaseLost, NewEvent, Store
 from stepstream_service.store.artifacts import ArtifactStore, pull_checkpoint, push_checkpoint
+from stepstream_service.store.errors import StorageQuotaExceeded
+from stepstream_service.store.quota import check_quota, count_artifacts
 from stepstream_service.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,7 @@ class _JobRun:
         self.workdir = worker.settings.job_dir(job.id)
         self.cancel = False
         self.lost = False
+        self.over_quota: str | None = None  # why the tenant's storage quota stopped it
         self.store_down = False
         # Events not yet handed to the store, oldest first; `writing` while a batch is in flight.
         self.pending: list[Event] = []
@@ -77,6 +82,7 @@ class _JobRun:
 
     def _beat(self) -> None:
         worker = self.worker
+        checked = float("-inf")
         while not self.done.wait(worker.settings.heartbeat_seconds):
             try:
                 self.cancel = worker.store.heartbeat(
@@ -87,10 +93,38 @@ class _JobRun:
                 return
             except Exception:  # the store may be down for a moment; the lease has slack
                 log.warning("job %s: heartbeat failed; trying again", self.job.id, exc_info=True)
+            # Less often than the lease: the usage is a sum over the tenant's jobs.
+            since = time.monotonic() - checked
+            if self.over_quota is None and since >= worker.settings.storage_check_seconds:
+                checked = time.monotonic()
+                self._check_storage()
+
+    def _check_storage(self) -> None:
+        """Stop the job once its tenant stores as much as its quota allows."""
+        worker = self.worker
+        limit = worker.settings.tenant_storage_bytes
+        try:
+            check_quota(worker.store, worker.artifacts, self.job.tenant, limit)
+        except StorageQuotaExceeded as exc:
+            log.warning("job %s: stopping: %s", self.job.id, exc)
+            self.over_quota = f"stopped: {exc}"
+        except Exception:  # the store may be down for a moment: the next beat looks again
+            log.warning("job %s: storage check failed", self.job.id, exc_info=True)
+
+    def settled(self, result: ResultEvent) -> ResultEvent:
+        """A run stopped for its tenant's storage quota failed: nobody cancelled it."""
+        if self.over_quota is None or self.cancel or result.stop_reason != "cancelled":
+            return result
+        failure = Failure(StorageQuotaExceeded.reason, self.over_quota, result.steps or None)
+        return dataclasses.replace(
+            result, outcome="failed", stop_reason=failure.reason, failure=failure
+        )
 
     def emit(self, event: Event) -> None:
         if self.lost:
             return
+        if event.kind == "result":
+            event = self.settled(event)
         if event.kind == "checkpoint":
             # Durable before anyone is told of it: a retry elsewhere resumes from this one.
             push_checkpoint(self.worker.artifacts, self.workdir, self.job.id)
@@ -103,7 +137,8 @@ class _JobRun:
         # Called once per reporting window, right after that window's step events.
         with self.changed:
             self.changed.notify_all()
-        return self.cancel or self.lost or self.worker.stopping.is_set()
+        stop = self.cancel or self.lost or self.worker.stopping.is_set()
+        return stop or self.over_quota is not None
 
     def _write(self) -> None:
         """Write what is pending, in order. While the store is down the events stay here and
@@ -188,7 +223,7 @@ class Worker:
         self.settings, self.store = settings, store
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
-        self.paths = DataPaths(data_dir=settings.data_dir)
+        self.paths = DataPaths(data_dir=settings.data_dir, uploads=settings.data_dir / "uploads")
         self.artifacts = artifacts or ArtifactStore(
             settings.artifacts_url, settings.artifact_options
         )
@@ -197,10 +232,18 @@ class Worker:
         self.gpus = sum(1 for d in self.devices if d.startswith("GPU"))
         self.jobs_run = 0
         self.retired = False
+        self.memory: int | None = None  # what a job must fit in here, once run() measured it
 
     def run(self) -> None:
-        self.store.register_worker(self.id, socket.gethostname(), self.devices)
-        log.info("worker %s: ready, devices %s", self.id, ", ".join(self.devices))
+        # Measured once the framework is loaded: what is left is what a job can ever have.
+        self.memory = footprint.worker_memory(self.gpus)
+        self.store.register_worker(self.id, socket.gethostname(), self.devices, self.memory)
+        log.info(
+            "worker %s: ready, devices %s, memory %s",
+            self.id,
+            ", ".join(self.devices),
+            footprint.size(self.memory) if self.memory else "unknown",
+        )
         idle = (
             self.settings.notify_poll_seconds
             if self.wakeups.listening
@@ -245,21 +288,61 @@ class Worker:
         return None
 
     def run_job(self, job: Job) -> None:
-        log.info("job %s: attempt %d on worker %s", job.id, job.attempts, self.id)
         with _JobRun(self, job) as run:
+            try:
+                attempt = self._attempt(job, run.workdir)
+            except Exception as exc:  # the store's URL and paths stay in the worker's log
+                log.exception("job %s: fetching its checkpoint failed", job.id)
+                reason = exc.reason if isinstance(exc, TrainerError) else "internal_error"
+                message = "the checkpoint of an earlier attempt could not be fetched"
+                self._fail(run, reason, f"{message} ({type(exc).__name__})")
+                return
+            log.info("job %s: %s", job.id, attempt)
+            # In the job's events too: a resumed job's history shows where each attempt began.
+            run.emit(LogEvent(attempt, time.time()))
             self._run(job, run)
 
+    def _attempt(self, job: Job, workdir: Path) -> str:
+        """Fetch the checkpoint an earlier attempt left; the line that starts this attempt."""
+        said = f"attempt {job.attempts} on worker {self.id}"
+        if job.attempts <= 1:
+            return said
+        step = pull_checkpoint(self.artifacts, workdir, job.id, upto=job.step)
+        if step is None:
+            return f"{said}, starting from step 0 (no intact checkpoint)"
+        return f"{said}, resuming from step {step}"
+
     def _inputs(self, job: Job, spec: JobSpec, workdir: Path) -> None:
-        """Fetch what an earlier attempt or an upload left in the artifact store."""
-        if job.attempts > 1:
-            step = pull_checkpoint(self.artifacts, workdir, job.id)
-            if step is not None:
-                log.info("job %s: checkpoint at step %d fetched", job.id, step)
+        """Fetch what an upload left in the artifact store (the checkpoint: see _attempt)."""
         path = spec.dataset.path
         if spec.dataset.name == "npz" and path and not Path(path).is_absolute():
             local = self.settings.data_dir / path
             if not local.is_file() and self.artifacts.exists(path):
                 self.artifacts.get(path, local)
+
+    def _check_memory(self, job: Job, spec: JobSpec) -> None:
+        """Refuse, before anything is allocated, a job whose estimated peak does not fit in
+        what this worker has free: on the CPU a failed allocation kills the whole process."""
+        local = footprint.local_npz(self.settings.data_dir, spec.dataset.path)
+        arrays = None
+        if spec.dataset.name == "npz" and local is not None:
+            with contextlib.suppress(TrainerError):  # a bad file: the loader says why
+                arrays = footprint.npz_arrays(local)
+        need = footprint.estimate(spec, arrays, local)
+        host = footprint.headroom()
+        on_gpu = self.gpus > 0 and spec.runtime.device != "cpu"
+        checks = []
+        if on_gpu and self.memory:
+            checks.append((need.model, self.memory, "its GPU's memory"))
+        if host is not None:
+            checks.append((need.data if on_gpu else need.total, host.free, host.source))
+        for wanted, has, source in checks:
+            if wanted > has:
+                raise OutOfMemory(
+                    f"out of memory: the job needs {need.describe()}; this worker has "
+                    f"{footprint.size(has)} free ({source}); use a smaller batch or model"
+                )
+        log.info("job %s: needs %s", job.id, need.describe())
 
     def _run(self, job: Job, run: _JobRun) -> None:
         from stepstream_service.engine.trainer import NoGPU, train
@@ -267,6 +350,7 @@ class Worker:
         try:
             spec = JobSpec.parse(job.spec)
             self._inputs(job, spec, run.workdir)
+            self._check_memory(job, spec)
             result = train(
                 spec,
                 run.emit,
@@ -274,9 +358,12 @@ class Worker:
                 workdir=run.workdir,
                 paths=self.paths,
                 resume=job.attempts > 1,
+                # The history stored ends at job.step: a checkpoint past it would leave a hole.
+                resume_upto=job.step,
                 job_id=job.id,
                 handing_back=lambda: self.stopping.is_set() and not run.cancel,
             )
+            result = run.settled(result)
             if result.outcome == "succeeded" and result.model_path:
                 key = f"jobs/{job.id}/model.keras"
                 self.artifacts.put(Path(result.model_path), key)
@@ -291,7 +378,12 @@ class Worker:
             return
         except Exception as exc:  # a bug or a framework error: fail the job, keep the worker
             log.exception("job %s: training raised", job.id)
-            self._fail(run, "internal_error", f"{type(exc).__name__}: {exc}")
+            # A framework's message can hold server paths and internals: the log keeps it.
+            message = (
+                f"the worker failed unexpectedly ({type(exc).__name__}); the operator finds "
+                f"the details in the worker's log under job {job.id}"
+            )
+            self._fail(run, "internal_error", message)
             return
         run.flush()
         if run.lost:
@@ -299,6 +391,8 @@ class Worker:
         self._finish(run, result)
 
     def _finish_when_stored(self, job_id: str, to: JobState, **values: Any) -> None:
+        if to.terminal:
+            self._count_artifacts(job_id)
         while True:
             try:
                 self.store.finish(job_id, self.id, to, **values)
@@ -307,6 +401,13 @@ class Worker:
                 log.warning("job %s: store unavailable (%s); retrying", job_id, exc)
                 if self.stopping.wait(0.5):
                     raise
+
+    def _count_artifacts(self, job_id: str) -> None:
+        """What the job leaves in the artifact store counts to its tenant's storage quota."""
+        try:
+            count_artifacts(self.store, self.artifacts, job_id)
+        except Exception:  # never a reason to leave the job unfinished
+            log.warning("job %s: its artifacts could not be measured", job_id, exc_info=True)
 
     def _finish(self, run: _JobRun, result: ResultEvent) -> None:
         job_id = run.job.id
@@ -337,19 +438,57 @@ class Worker:
         )
 
     def _fail(self, run: _JobRun, reason: str, message: str) -> None:
+        job = run.job
         run.flush()
-        log.warning("job %s: failed: %s: %s", run.job.id, reason, message)
+        log.warning("job %s: failed: %s: %s", job.id, reason, message)
+        step = job.step
+        with contextlib.suppress(*STORE_DOWN, TrainerError):
+            step = self.store.get_job(job.id).step  # the progress this attempt wrote
+        failure = Failure(reason, message, step or None)
+        # Whatever ended the job, its history ends with the result, then the FAILED state.
+        run.emit(
+            ResultEvent(
+                outcome="failed",
+                steps=step,
+                stop_reason=reason,
+                failure=failure,
+                duration_seconds=max(0.0, time.time() - (job.started_at or time.time())),
+                time=time.time(),
+            )
+        )
+        run.flush()
         with contextlib.suppress(LeaseLost):
-            failure = Failure(reason, message, run.job.step or None)
-            self._finish_when_stored(run.job.id, JobState.FAILED, failure=failure)
+            self._finish_when_stored(job.id, JobState.FAILED, failure=failure)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stepstream_service.runtime.worker")
     parser.add_argument("--worker-id", default=None)
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="the supervisor: when it dies, stop"
+    )
+    parser.add_argument(
+        "--slot-lock", type=Path, default=None, help="held for life: one worker per device slot"
+    )
     args = parser.parse_args(argv)
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    from stepstream_service.runtime.slots import SlotLock, Watchdog, die_with_parent
+
+    who = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    # One event for every reason to stop, set even before the worker exists (a signal or a
+    # dead supervisor while the framework loads or the slot is awaited).
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    if args.parent_pid is not None:
+        if not die_with_parent(args.parent_pid):
+            log.warning("worker %s: its supervisor is gone before it started; exiting", who)
+            return 0
+        Watchdog(args.parent_pid, stopping, settings.grace_seconds, who).start()
+    # Before any device is touched (devices() below takes the GPU's memory on some backends).
+    if args.slot_lock is not None and not SlotLock(args.slot_lock, who).acquire(stopping):
+        return 0
     from stepstream_service.engine.trainer import (
         devices,
     )  # imports the framework once, before any job
@@ -357,8 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(settings.store_url)
     wakeups = Wakeups(settings.store_url, (QUEUE_CHANNEL,)).start()
     worker = Worker(settings, store, args.worker_id, wakeups=wakeups, devices=devices())
-    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: worker.stopping.set())
+    worker.stopping = stopping
     worker.run()
     wakeups.stop()
     store.close()
@@ -366,4 +504,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is in the store by now, and the framework's own teardown at exit takes
+    # seconds while the slot stays locked: a successor waits on it, so it is skipped.
+    os._exit(code)

@@ -14,6 +14,7 @@ get a temporary key that is moved into place.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,7 +42,7 @@ KEEP_CHECKPOINTS = 2
 # "move" there would be a copy of the whole object anyway).
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 
-_CHECKPOINT_NAME = re.compile(r"^step-\d+\.keras$")
+_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.keras$")
 
 
 class ArtifactError(TrainerError):
@@ -199,6 +200,29 @@ class ArtifactStore:
         with self._errors("stat", key):
             return int(self.fs.size(path))
 
+    def files(self, prefix: str) -> dict[str, int]:
+        """Base name -> size of each file directly under `prefix`; none when it does not exist."""
+        path = self._fresh(prefix)
+        with self._errors("list", prefix):
+            try:
+                entries = self.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return {}
+        return {
+            str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0)
+            for e in entries
+            if e.get("type") == "file"
+        }
+
+    def usage(self, prefix: str) -> int:
+        """Bytes of every file under `prefix`, however deep; 0 when there is none."""
+        path = self._fresh(prefix)
+        with self._errors("measure", prefix):
+            try:
+                return int(self.fs.du(path, total=True))
+            except FileNotFoundError:
+                return 0
+
     def delete(self, key: str) -> None:
         """Delete `key`, or everything under it when it is a prefix; missing is fine."""
         path = self._fresh(key)
@@ -281,64 +305,220 @@ class _Upload(io.RawIOBase):
 
 
 # ----------------------------------------------------------------------------------- checkpoints
+#
+# A checkpoint folder holds step-N.keras files (each renamed into place whole), beside each its
+# sha256 in step-N.keras.sha256 (the `sha256sum` format, so `sha256sum -c` checks it by hand),
+# and latest.json, the marker naming the newest with its step and sha256. A resume trusts none
+# of them blindly: every step a file, a checksum or the marker names is a candidate, newest
+# first, and the first whose file matches its recorded sha256 is used. Those passed over, and
+# why, are said in the job's events (CheckpointScan.resumed_from).
+
+MARKER = "latest.json"
+_CHECKSUM_SUFFIX = ".sha256"
+_CHECKSUM_NAME = re.compile(r"^step-(\d+)\.keras\.sha256$")
+_PARTIAL_NAME = re.compile(r"^step-\d+\.partial\.keras$")  # see trainer._atomic_save
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}.keras"
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def record_checkpoint(folder: Path, step: int) -> Path:
+    """Seal the checkpoint of `step`, already in place in `folder`: its sha256 beside it, then
+    the marker naming it, then checkpoints older than the newest KEEP_CHECKPOINTS go (with
+    their checksums). Returns the checkpoint's path."""
+    folder = Path(folder)
+    path = folder / checkpoint_name(step)
+    digest = sha256_of(path)
+    _write_text_atomic(folder / f"{path.name}{_CHECKSUM_SUFFIX}", f"{digest}  {path.name}\n")
+    _write_text_atomic(
+        folder / MARKER, json.dumps({"step": step, "file": path.name, "sha256": digest})
+    )
+    kept = sorted(_steps_of(p.name for p in folder.iterdir()))[-KEEP_CHECKPOINTS:]
+    for entry in folder.iterdir():
+        found = _CHECKPOINT_NAME.match(entry.name) or _CHECKSUM_NAME.match(entry.name)
+        old = found is not None and int(found[1]) not in kept
+        if old or _PARTIAL_NAME.match(entry.name):  # a partial: a save a killed worker cut short
+            entry.unlink(missing_ok=True)
+    return path
+
+
+class CheckpointScan:
+    """The checkpoints of one folder, newest first, checked one by one as they are asked for;
+    `problems` collects why each one passed over was not used."""
+
+    def __init__(self, folder: Path, upto: int | None = None):
+        self.folder = Path(folder)
+        # A checkpoint past the last step whose events are stored would leave a hole in the
+        # job's history (its worker died before writing them): one at or before it is used.
+        self.upto = upto
+        self.problems: list[str] = []
+        self.marker: dict[str, Any] | None = None
+        names = [p.name for p in self.folder.iterdir()] if self.folder.is_dir() else []
+        steps = _steps_of(names)
+        self.marker_seen = MARKER in names
+        if self.marker_seen:
+            try:
+                info = json.loads((self.folder / MARKER).read_text())
+                _checkpoint_file(info, MARKER)
+                steps.add(int(info["step"]))
+                self.marker = info
+            except (OSError, ValueError, TypeError, ArtifactError):
+                self.problems.append(f"the checkpoint marker {MARKER} is unreadable")
+        self.steps: list[int] = sorted(steps, reverse=True)
+
+    @property
+    def existed(self) -> bool:
+        """Whether any checkpoint was ever recorded here (usable or not)."""
+        return bool(self.steps) or self.marker_seen
+
+    def intact(self) -> Iterator[tuple[int, Path]]:
+        """(step, path) of each checkpoint whose file matches its recorded sha256, newest
+        first; each one found wanting on the way is added to `problems`."""
+        for step in self.steps:
+            if self.upto is not None and step > self.upto:
+                self.passed_over(step, f"is past the last step stored ({self.upto})")
+                continue
+            why = self.check(step)
+            if why is None:
+                yield step, self.folder / checkpoint_name(step)
+            else:
+                self.passed_over(step, why)
+
+    def newest_intact(self) -> int | None:
+        return next((step for step, _ in self.intact()), None)
+
+    def check(self, step: int) -> str | None:
+        """None when the checkpoint of `step` is whole; otherwise what is wrong with it."""
+        path = self.folder / checkpoint_name(step)
+        if not path.is_file():
+            return "is missing"
+        expected = self._recorded(step)
+        if expected is None:
+            return "has no recorded sha256"
+        if sha256_of(path) != expected:
+            return "is damaged (sha256 mismatch)"
+        return None
+
+    def passed_over(self, step: int, why: str) -> None:
+        self.problems.append(f"checkpoint at step {step} {why}")
+
+    def resumed_from(self, step: int | None) -> str:
+        """The sentence for the job's events: where training starts, and why there."""
+        problems = "; ".join(self.problems)
+        if step is None:
+            return f"{problems}; no intact checkpoint is left, so training starts from step 0"
+        said = f"resumed from checkpoint at step {step}"
+        return f"{problems}; {said}" if problems else said
+
+    def _recorded(self, step: int) -> str | None:
+        name = checkpoint_name(step)
+        try:
+            text = (self.folder / f"{name}{_CHECKSUM_SUFFIX}").read_text()
+            digest = text.split()[0] if text.split() else ""
+        except (OSError, UnicodeDecodeError):
+            digest = ""
+        if not _SHA256.match(digest) and self.marker and self.marker.get("file") == name:
+            digest = str(self.marker.get("sha256", ""))
+        return digest if _SHA256.match(digest) else None
 
 
 def push_checkpoint(store: ArtifactStore, workdir: Path, job_id: str) -> None:
     """Copy the newest checkpoint in `workdir` to the store, for a resume on any machine.
 
-    The checkpoint file goes first and the marker naming it last, so a reader never follows a
-    marker to a missing file; remote checkpoints older than the newest KEEP_CHECKPOINTS go.
+    The checkpoint file goes first, then its checksum, and the marker naming it last, so a
+    reader never follows a marker to a missing file; remote checkpoints older than the newest
+    KEEP_CHECKPOINTS go.
     """
     workdir = Path(workdir)
     if _is_home(store, workdir, job_id):
         return  # the trainer wrote straight into the store
     folder = workdir / "checkpoints"
     try:
-        info = json.loads((folder / "latest.json").read_text())
+        info = json.loads((folder / MARKER).read_text())
     except FileNotFoundError:
         return
-    file = _checkpoint_file(info, folder / "latest.json")
+    file = _checkpoint_file(info, folder / MARKER)
     prefix = f"jobs/{job_id}/checkpoints"
     store.put(folder / file, f"{prefix}/{file}")
+    if (folder / f"{file}{_CHECKSUM_SUFFIX}").is_file():
+        store.put(folder / f"{file}{_CHECKSUM_SUFFIX}", f"{prefix}/{file}{_CHECKSUM_SUFFIX}")
     # The marker as read, not re-read from disk: the trainer may have moved on meanwhile.
-    store.write_text(f"{prefix}/latest.json", json.dumps(info))
-    steps = sorted(name for name in store._names(prefix) if _CHECKPOINT_NAME.match(name))
-    for old in steps[:-KEEP_CHECKPOINTS]:
-        if old != file:
-            store.delete(f"{prefix}/{old}")
+    store.write_text(f"{prefix}/{MARKER}", json.dumps(info))
+    names = store._names(prefix)
+    kept = set(sorted(_steps_of(names))[-KEEP_CHECKPOINTS:]) | {int(info["step"])}
+    for name in names:
+        found = _CHECKPOINT_NAME.match(name) or _CHECKSUM_NAME.match(name)
+        if found and int(found[1]) not in kept:
+            store.delete(f"{prefix}/{name}")
     log.info("checkpoint at step %s of job %s pushed to %s", info["step"], job_id, store.url)
 
 
-def pull_checkpoint(store: ArtifactStore, workdir: Path, job_id: str) -> int | None:
-    """Bring the store's newest checkpoint of `job_id` into `workdir` before resuming there.
+def pull_checkpoint(
+    store: ArtifactStore, workdir: Path, job_id: str, upto: int | None = None
+) -> int | None:
+    """Bring the store's checkpoints of `job_id` into `workdir` before resuming there.
 
-    Returns its step, or None when the store has none. A local checkpoint at least as new is
-    kept as it is (its step is returned), so a push that never happened loses nothing.
+    Remote checkpoints newer than the newest intact local one are fetched, newest first, until
+    one matches its sha256; the remote marker comes too when it names a newer step, so the
+    trainer's own scan sees (and says) what was found wanting. Returns the step of the newest
+    intact checkpoint now in `workdir` (none past `upto`), or None when there is none.
     """
     workdir = Path(workdir)
     folder = workdir / "checkpoints"
-    local = _local_marker(folder)
+    local = CheckpointScan(folder, upto).newest_intact()
     if _is_home(store, workdir, job_id):
-        return local[0] if local else None
+        return local
     prefix = f"jobs/{job_id}/checkpoints"
-    if not store.exists(f"{prefix}/latest.json"):
-        return local[0] if local else None
+    names = store._names(prefix)
+    if not names:
+        return local
+    newest = local
+    for step in sorted(_steps_of(names), reverse=True):
+        if local is not None and step <= local:
+            break
+        if upto is not None and step > upto:
+            continue
+        name = checkpoint_name(step)
+        try:
+            for key in (name, f"{name}{_CHECKSUM_SUFFIX}"):
+                if key in names and not (folder / key).is_file():
+                    store.get(f"{prefix}/{key}", folder / key)
+        except ArtifactError as exc:  # gone since listed: an older one may do
+            log.warning("job %s: checkpoint at step %d not fetched: %s", job_id, step, exc)
+            continue
+        if CheckpointScan(folder, upto).check(step) is None:
+            newest = step
+            break
+    if MARKER in names:
+        _pull_marker(store, f"{prefix}/{MARKER}", folder)
+    if newest is not None and newest != local:
+        log.info("checkpoint at step %d of job %s pulled from %s", newest, job_id, store.url)
+    return newest
+
+
+def _pull_marker(store: ArtifactStore, key: str, folder: Path) -> None:
+    """The remote marker, when it names a newer step than the local one (or there is none
+    here): a marker that cannot be read or names a file outside the folder is never followed,
+    but copied as it is, for the trainer to report."""
+    text = store.read_text(key)
     try:
-        info = json.loads(store.read_text(f"{prefix}/latest.json"))
-    except ValueError as exc:
-        raise ArtifactError(f"unreadable {store.describe(f'{prefix}/latest.json')}") from exc
-    file = _checkpoint_file(info, store.describe(f"{prefix}/latest.json"))
-    step = int(info["step"])
-    if local and local[0] >= step:
-        return local[0]
-    if not (folder / file).is_file():
-        store.get(f"{prefix}/{file}", folder / file)
-    marker = folder / "latest.json"
-    tmp = _temp_beside(marker)
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, marker)
-    log.info("checkpoint at step %d of job %s pulled from %s", step, job_id, store.url)
-    return step
+        info = json.loads(text)
+        _checkpoint_file(info, store.describe(key))
+        remote = int(info["step"])
+    except (ValueError, TypeError, ArtifactError):
+        remote = None
+    here = CheckpointScan(folder)
+    if here.marker_seen and (remote is None or (here.marker and here.marker["step"] >= remote)):
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(folder / MARKER, text)
 
 
 def _is_home(store: ArtifactStore, workdir: Path, job_id: str) -> bool:
@@ -347,15 +527,10 @@ def _is_home(store: ArtifactStore, workdir: Path, job_id: str) -> bool:
     return home is not None and _same_file(home, workdir)
 
 
-def _local_marker(folder: Path) -> tuple[int, str] | None:
-    """(step, file) of the complete checkpoint the local marker names, if any."""
-    try:
-        info = json.loads((folder / "latest.json").read_text())
-        file = _checkpoint_file(info, folder)
-        step = int(info["step"])
-    except (OSError, ValueError, KeyError, TypeError, ArtifactError):
-        return None
-    return (step, file) if (folder / file).is_file() else None
+def _steps_of(names: Iterable[str]) -> set[int]:
+    """The steps of the checkpoint files and checksums among `names`."""
+    found = (_CHECKPOINT_NAME.match(n) or _CHECKSUM_NAME.match(n) for n in names)
+    return {int(m[1]) for m in found if m}
 
 
 def _checkpoint_file(info: Any, where: object) -> str:
@@ -363,8 +538,17 @@ def _checkpoint_file(info: Any, where: object) -> str:
     marker from the store must not point a download outside the checkpoint folder)."""
     file = info.get("file") if isinstance(info, dict) else None
     if not isinstance(file, str) or not _CHECKPOINT_NAME.match(file) or "step" not in info:
-        raise ArtifactError(f"checkpoint marker {where} is malformed: {info!r}")
+        raise ArtifactError(f"checkpoint marker {where} is malformed: {str(info)[:200]!r}")
     return file
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = _temp_beside(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------- small helpers

@@ -29,3 +29,9 @@ class LeaseLost(TrainerError):
     """A worker wrote for a job it no longer holds (its lease expired and it was re-claimed)."""
 
     reason = "lease_lost"
+
+
+class StorageQuotaExceeded(TrainerError):
+    """A tenant keeps as many bytes stored as it may (tenant_storage_bytes)."""
+
+    reason = "storage_quota_exceeded"

@@ -103,10 +103,15 @@ class EventLog(Database):
     def _append(self, conn: sa.Connection, job_id: str, new: list[NewEvent]) -> int:
         """Give the events the job's next sequence numbers and insert them; the last statement
         of its transaction that touches a row (see the module's note on the event lock)."""
+        payloads = [json.dumps(e.payload, allow_nan=True) for e in new]
         last = conn.execute(
             jobs.update()
             .where(jobs.c.id == job_id)
-            .values(last_seq=jobs.c.last_seq + len(new))
+            .values(
+                last_seq=jobs.c.last_seq + len(new),
+                # What the tenant's storage quota counts (ASCII JSON: a character is a byte).
+                stored_bytes=jobs.c.stored_bytes + sum(map(len, payloads)),
+            )
             .returning(jobs.c.last_seq)
         ).scalar_one()
         if not new:
@@ -119,8 +124,8 @@ class EventLog(Database):
         conn.exec_driver_sql(
             self._insert_events,
             [
-                (job_id, first + i + 1, e.kind, json.dumps(e.payload, allow_nan=True), e.time)
-                for i, e in enumerate(new)
+                (job_id, first + i + 1, e.kind, payload, e.time)
+                for i, (e, payload) in enumerate(zip(new, payloads, strict=True))
             ],
         )
         self._notify(conn, EVENTS_CHANNEL, job_id)

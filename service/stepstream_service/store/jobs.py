@@ -78,6 +78,7 @@ class Job:
     needs: str = "any"
     worker: str | None = None
     tenant: str = ""
+    stored_bytes: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -249,7 +250,9 @@ class Jobs(EventLog, Database):
         out: list[Job] = []
         with self.reader.connect() as conn:
             # Labels are a JSON column, filtered here so both engines share one schema.
-            for row in conn.execute(query.limit(limit if not wanted else None)):
+            # Streamed: a label filter reads rows until the page is full, never all at once.
+            query = query.limit(limit if not wanted else None).execution_options(yield_per=50)
+            for row in conn.execute(query):
                 job = Job.from_row(row)
                 if all(job.labels.get(k) == v for k, v in wanted.items()):
                     out.append(job)

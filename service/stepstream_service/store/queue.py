@@ -8,9 +8,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from stepstream.kernel.events import ResultEvent
 from stepstream.kernel.failures import Failure
 from stepstream.kernel.states import JobState
 from stepstream_service.store.errors import LeaseLost
+from stepstream_service.store.events import NewEvent
 from stepstream_service.store.jobs import Job, Jobs
 from stepstream_service.store.schema import jobs, workers
 
@@ -102,6 +104,17 @@ class Queue(Jobs):
                         f"attempts used up ({job.max_attempts})",
                         job.step,
                     )
+                    # The worker never wrote its result: the job's history still ends with
+                    # one, then the FAILED state (the same transaction, in that order).
+                    result = ResultEvent(
+                        outcome="failed",
+                        steps=job.step,
+                        stop_reason=failure.reason,
+                        failure=failure,
+                        duration_seconds=max(0.0, now - (job.started_at or now)),
+                        time=now,
+                    )
+                    self._append(conn, job.id, [NewEvent.of(result)])
                     self.transition(conn, job, JobState.FAILED, failure=failure)
                     acted.append((job.id, JobState.FAILED))
         return acted

@@ -64,6 +64,8 @@ jobs = sa.Table(
     sa.Column("worker", sa.String(128)),  # the last attempt's worker; the lease is cleared
     # "" when the server runs without authentication; else the token's tenant.
     sa.Column("tenant", sa.String(64), nullable=False, default="", server_default=""),
+    # Bytes of its events' payloads, and of its artifacts once it ended: its tenant's quota.
+    sa.Column("stored_bytes", sa.BigInteger, nullable=False, default=0, server_default="0"),
     sa.UniqueConstraint("tenant", "request_id", name="uq_jobs_tenant_request"),
     sa.Index("ix_jobs_tenant_state", "tenant", "state"),
     sa.Index("ix_jobs_queue", "state", "priority", "queued_at"),
@@ -96,6 +98,8 @@ workers = sa.Table(
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("seen_at", sa.Float, nullable=False),
     sa.Column("stopped_at", sa.Float),
+    # What a job must fit in on it (its GPU's memory, else its container's limit); unknown: NULL.
+    sa.Column("memory_bytes", sa.BigInteger),
 )
 
 

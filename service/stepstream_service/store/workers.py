@@ -23,17 +23,26 @@ class WorkerInfo:
     started_at: float
     seen_at: float
     stopped_at: float | None
+    memory_bytes: int | None = None  # what a job must fit in on it; None: not told
 
 
 class Workers(Database):
     """The workers table."""
 
-    def register_worker(self, worker: str, host: str, devices: list[str]) -> None:
-        """A worker says which devices it has, at start-up; claims use it to place GPU jobs."""
+    def register_worker(
+        self, worker: str, host: str, devices: list[str], memory_bytes: int | None = None
+    ) -> None:
+        """A worker says which devices it has, at start-up; claims use it to place GPU jobs.
+        `memory_bytes` is what a job must fit in on it; submit refuses a job no worker holds."""
         now = time.time()
         gpus = sum(1 for d in devices if "GPU" in d.upper())
         values = dict(
-            host=host, devices=json.dumps(devices), gpus=gpus, seen_at=now, stopped_at=None
+            host=host,
+            devices=json.dumps(devices),
+            gpus=gpus,
+            seen_at=now,
+            stopped_at=None,
+            memory_bytes=memory_bytes,
         )
         with self.engine.begin() as conn:
             done = conn.execute(workers.update().where(workers.c.id == worker).values(**values))

@@ -59,3 +59,19 @@ def test_spec_json_keeps_integers_integers():
     spec = api.spec_of('{"dataset": "linear", "training": {"steps": 5001}}', SpecLimits())
     assert spec.to_dict()["training"]["steps"] == 5001
     assert isinstance(spec.to_dict()["training"]["steps"], int)
+
+
+def test_a_spec_over_max_spec_bytes_is_refused_before_it_is_parsed():
+    text = '{"name": "' + "n" * 200 + '"}'
+    with pytest.raises(
+        InvalidArgument, match=r"over this server's limit of 100 \(max_spec_bytes\)"
+    ):
+        api.spec_of(text, SpecLimits(), max_bytes=100)
+
+
+def test_a_filter_is_bounded_and_never_echoed_whole():
+    with pytest.raises(InvalidArgument, match="at most 2048 characters"):
+        api.parse_filter("name=" + "x" * 3000)
+    with pytest.raises(InvalidArgument) as caught:
+        api.parse_filter("x" * 1000)
+    assert len(str(caught.value)) < 300

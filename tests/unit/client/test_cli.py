@@ -509,3 +509,17 @@ def test_job_arguments_complete_from_the_server_quietly_when_none():
     args = build_parser().parse_args(["show", "x", "--address", f"127.0.0.1:{closed_port()}"])
     assert complete_jobs("", args) == []
     assert complete_states("ru") == ["RUNNING"]
+
+
+def test_a_server_that_closes_the_connection_is_said_to_want_tls():
+    from stepstream.connection import TLS_HINT, HintedRpcError
+
+    closed = FakeRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: "
+        "Socket closed",
+    )
+    text = rpc_error_text(HintedRpcError(closed, TLS_HINT), "127.0.0.1:1")
+    assert text == f"error: the server at 127.0.0.1:1 closed the connection at once: {TLS_HINT}"
+    # Without the client's hint (a raw channel, as `trainer health` uses), still not "no server".
+    assert "--tls" in rpc_error_text(closed, "127.0.0.1:1")

@@ -216,3 +216,69 @@ def test_cnn_on_tabular_npz_is_refused_at_load(tmp_path):
     )
     with pytest.raises(DatasetInvalid, match="cnn needs images"):
         datasets.load(spec, DataPaths())
+
+
+# ---------------------------------------------------------------- npz paths on a worker
+
+
+def worker_paths(tmp_path: Path) -> DataPaths:
+    data = tmp_path / "data"
+    (data / "uploads" / "team-a").mkdir(parents=True)
+    return DataPaths(data_dir=data, uploads=data / "uploads", download=False)
+
+
+def npz_spec(path: str) -> JobSpec:
+    return JobSpec.parse({"dataset": {"name": "npz", "path": path}})
+
+
+def small_npz(path: Path) -> Path:
+    np.savez(path, x=np.zeros((6, 2), "float32"), y=np.arange(6) % 2)
+    return path
+
+
+def test_a_worker_reads_an_upload_by_its_key(tmp_path):
+    paths = worker_paths(tmp_path)
+    small_npz(paths.uploads / "team-a" / "mine.npz")
+    data = datasets.load(npz_spec("uploads/team-a/mine.npz"), paths)
+    assert data.source == "uploads/team-a/mine.npz"  # as the tenant wrote it, no server path
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "uploads/team-a/link.npz",  # a symlink to a file outside
+        "uploads/team-a/hop/in.npz",  # a symlinked folder pointing outside
+        "uploads/team-b/../team-a/outside.npz",
+        "elsewhere.npz",  # in the data folder, not in its uploads
+    ],
+)
+def test_a_worker_reads_nothing_outside_the_uploads_folder(tmp_path, path):
+    paths = worker_paths(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    small_npz(outside / "in.npz")
+    (paths.uploads / "team-a" / "link.npz").symlink_to(outside / "in.npz")
+    (paths.uploads / "team-a" / "hop").symlink_to(outside, target_is_directory=True)
+    small_npz(paths.data_dir / "elsewhere.npz")
+    with pytest.raises(DatasetUnavailable, match="not one of the uploads") as caught:
+        datasets.load(npz_spec(path), paths)
+    assert str(tmp_path) not in str(caught.value)
+
+
+def test_a_relative_path_is_never_looked_up_in_the_working_directory(tmp_path, monkeypatch):
+    paths = worker_paths(tmp_path)
+    here = tmp_path / "cwd"
+    (here / "uploads" / "team-a").mkdir(parents=True)
+    small_npz(here / "uploads" / "team-a" / "only-here.npz")
+    monkeypatch.chdir(here)
+    for where in (paths, DataPaths(data_dir=paths.data_dir)):
+        with pytest.raises(DatasetUnavailable, match="no such file"):
+            datasets.load(npz_spec("uploads/team-a/only-here.npz"), where)
+
+
+def test_a_path_too_long_for_the_file_system_is_simply_not_there(tmp_path):
+    paths = worker_paths(tmp_path)
+    long = "uploads/team-a/" + "x" * 300 + ".npz"  # over a file name's limit (NAME_MAX)
+    with pytest.raises(DatasetUnavailable) as caught:
+        datasets.load(npz_spec(long), paths)
+    assert str(tmp_path) not in str(caught.value) and len(str(caught.value)) < 400

@@ -12,6 +12,7 @@ from stepstream.kernel import names
 from stepstream.kernel.spec import JobSpec, load_spec
 from stepstream_service.engine.datasets import DataPaths
 from stepstream_service.engine.trainer import NoGPU, gpu_available, latest_checkpoint, train
+from stepstream_service.store.artifacts import record_checkpoint
 from tests.conftest import EXAMPLES
 
 
@@ -282,11 +283,66 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
     assert resumed.test_metrics == pytest.approx(whole.test_metrics, rel=1e-5)
 
 
+RESUMABLE = {
+    "dataset": CLASSES,
+    "optimizer": "adam",
+    "training": {"steps": 30, "batch_size": 8, "checkpoint_every": 10},
+}
+
+
+def warnings_of(events):
+    return [e.message for e in events if e.kind == "log" and e.level == "warning"]
+
+
+def test_a_damaged_newest_checkpoint_is_passed_over_and_said(tmp_path):
+    _, whole_events = run(RESUMABLE, tmp_path)
+    folder = tmp_path / "work" / "checkpoints"
+    newest = folder / "step-000000020.keras"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    resumed, events = run(RESUMABLE, tmp_path, resume=True)
+    assert warnings_of(events) == [
+        "checkpoint at step 20 is damaged (sha256 mismatch); resumed from checkpoint at step 10"
+    ]
+    assert [e.step for e in steps_of(events)] == list(range(11, 31))
+    expected = [e.loss for e in steps_of(whole_events)][10:]
+    assert [e.loss for e in steps_of(events)] == pytest.approx(expected, rel=1e-5)
+    assert resumed.outcome == "succeeded"
+
+
+def test_checkpoints_that_will_not_load_leave_a_fresh_start_said(tmp_path):
+    """Whole by their checksums yet not models: each is passed over, and training starts
+    from step 0 as a fresh run would, not from weights half loaded."""
+    _, whole_events = run(RESUMABLE, tmp_path)
+    folder = tmp_path / "work" / "checkpoints"
+    for step in (10, 20):
+        (folder / f"step-{step:09d}.keras").write_bytes(b"not a model")
+        record_checkpoint(folder, step)
+    resumed, events = run(RESUMABLE, tmp_path, resume=True)
+    (said,) = warnings_of(events)
+    assert said.startswith("checkpoint at step 20 could not be loaded (")
+    assert "; checkpoint at step 10 could not be loaded (" in said
+    assert said.endswith("; no intact checkpoint is left, so training starts from step 0")
+    expected = [e.loss for e in steps_of(whole_events)]
+    assert [e.loss for e in steps_of(events)] == pytest.approx(expected, rel=1e-5)
+    assert resumed.outcome == "succeeded"
+
+
+def test_a_resume_without_any_checkpoint_starts_quietly(tmp_path):
+    _, events = run(QUICK | {"dataset": CLASSES}, tmp_path, resume=True)
+    assert warnings_of(events) == []
+    assert not [e for e in events if e.kind == "log" and "checkpoint" in e.message]
+
+
 def test_only_the_latest_checkpoints_are_kept(tmp_path):
     spec = {"dataset": CLASSES, "training": {"steps": 50, "batch_size": 8, "checkpoint_every": 10}}
     run(spec, tmp_path)
-    kept = sorted(p.name for p in (tmp_path / "work" / "checkpoints").glob("*.keras"))
-    assert kept == ["step-000000030.keras", "step-000000040.keras"]
+    kept = sorted(p.name for p in (tmp_path / "work" / "checkpoints").glob("step-*"))
+    assert kept == [
+        "step-000000030.keras",
+        "step-000000030.keras.sha256",
+        "step-000000040.keras",
+        "step-000000040.keras.sha256",
+    ]
 
 
 def test_early_stopping(tmp_path):

@@ -89,3 +89,11 @@ def test_states_travel_with_the_wire_prefix():
     assert JobState.parse("job_state_running") is JobState.RUNNING
     with pytest.raises(ValueError, match="valid: CANCELLED, CANCELLING, FAILED"):
         JobState.parse("done")
+
+
+def test_a_failure_message_is_bounded():
+    from stepstream.kernel.failures import MAX_MESSAGE_CHARS, Failure
+
+    failure = Failure("internal_error", "x" * 100_000)
+    assert len(failure.message) == MAX_MESSAGE_CHARS and failure.message.endswith("(cut)")
+    assert Failure("internal_error", "short").message == "short"

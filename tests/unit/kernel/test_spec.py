@@ -474,3 +474,42 @@ def test_a_servers_limits_are_named_in_the_error():
         JobSpec.parse({"training": {"epochs": 6}}, limits=limits)
     assert JobSpec.parse({"training": {"steps": 1000}}, limits=limits).training.steps == 1000
     assert JobSpec.parse(spec).training.steps == 5000  # no limits: only the spec's own rules
+
+
+@pytest.mark.parametrize(
+    ("labels", "field", "phrase"),
+    [
+        ({f"l{i}": "v" for i in range(65)}, "labels", "64"),
+        ({"k": "v" * 257}, "labels.k", "at most 256 printable"),
+        ({"k": "a\x00b"}, "labels.k", "no NUL"),
+        ({"k": "a\nb"}, "labels.k", "control character"),
+        ({"a b": "v"}, "labels.a b", "label key"),
+        ({"k" * 5000: "v"}, "labels." + "k" * 64 + "... (5000 characters)", "label key"),
+    ],
+)
+def test_labels_are_bounded_in_count_size_and_characters(labels, field, phrase):
+    with pytest.raises(SpecError) as caught:
+        JobSpec.parse({"labels": labels})
+    assert caught.value.fields == [field]
+    assert phrase in str(caught.value)
+    assert len(str(caught.value)) < 1000  # the input is never echoed whole
+
+
+def test_labels_at_their_limits_are_accepted():
+    labels = {f"k{i:02d}" + "k" * 60: "v" * 256 for i in range(64)}
+    assert JobSpec.parse({"labels": labels}).labels == labels
+
+
+def test_a_dataset_path_is_bounded():
+    long = {"name": "npz", "path": "u/" * 600}
+    with pytest.raises(SpecError) as caught:
+        JobSpec.parse({"dataset": long})
+    assert caught.value.fields == ["dataset.path"] and "1024" in str(caught.value)
+    with pytest.raises(SpecError, match="control characters"):
+        JobSpec.parse({"dataset": {"name": "npz", "path": "a\x00.npz"}})
+
+
+def test_an_unknown_name_is_never_echoed_whole():
+    with pytest.raises(SpecError) as caught:
+        JobSpec.parse({"loss": "x" * 100_000})
+    assert "(100000 characters)" in str(caught.value) and len(str(caught.value)) < 2000

@@ -44,3 +44,32 @@ def test_the_server_process_does_not_load_the_training_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_each_worker_is_tied_to_its_supervisor_and_its_slot(tmp_path: Path, monkeypatch):
+    import os
+    import subprocess
+    import threading
+
+    started: list[tuple[list[str], str]] = []
+
+    class FakeProcess:
+        pid = 1234
+
+        def __init__(self, cmd, env):
+            started.append((cmd, threading.current_thread().name))
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(subprocess, "Popen", FakeProcess)
+    sup = Supervisor(Settings(gpus="none", workers=1, data_dir=tmp_path, grace_seconds=7))
+    sup.start()
+    sup.stopping.set()
+    ((cmd, thread),) = started
+    flags = dict(zip(cmd[3::2], cmd[4::2], strict=True))
+    assert flags["--parent-pid"] == str(os.getpid())
+    assert flags["--slot-lock"] == str(tmp_path.resolve() / "locks" / "cpu0.lock")
+    # Linux signals the worker when the thread that started it ends: a long-lived one.
+    assert thread == "supervisor"
+    assert sup._env("")["TRAINER_GRACE_SECONDS"] == "7.0"

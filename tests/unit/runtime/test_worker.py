@@ -141,3 +141,44 @@ def test_the_writer_thread_ends_with_the_run(store, tmp_path):
         run.emit(step(1))
     assert not run.writer.is_alive() and not run.beater.is_alive()
     assert stored_steps(store, job.id) == [1]
+
+
+def test_a_job_that_does_not_fit_is_refused_before_anything_is_allocated(
+    store, tmp_path, monkeypatch
+):
+    from stepstream.kernel.spec import JobSpec
+    from stepstream_service.engine import footprint
+    from stepstream_service.errors import OutOfMemory
+
+    worker = Worker(Settings(data_dir=tmp_path / "data"), store, "w1", devices=["CPU:0"])
+    limit = footprint.Memory(8 * 2**30, 2**30, 2**30, "the container's memory limit (test)")
+    monkeypatch.setattr(footprint, "headroom", lambda: limit)
+    job = claimed(store)
+    wide = JobSpec.parse(
+        {
+            "dataset": {"name": "synthetic_classification", "num_features": 8},
+            "model": {"architecture": "mlp", "hidden_units": [16384] * 4},
+        }
+    )
+    with pytest.raises(OutOfMemory, match=r"needs about 1\d\.\d GiB.*has 7\.0 GiB free"):
+        worker._check_memory(job, wide)
+    worker._check_memory(job, JobSpec.parse({"dataset": "linear", "model": "linear"}))
+
+
+def test_each_attempt_says_where_it_starts(store, tmp_path):
+    from stepstream_service.store.artifacts import record_checkpoint
+
+    worker = Worker(Settings(data_dir=tmp_path / "data"), store, "w1", devices=["CPU:0"])
+    job = claimed(store)
+    workdir = worker.settings.job_dir(job.id)
+    assert worker._attempt(job, workdir) == "attempt 1 on worker w1"
+    folder = workdir / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / "step-000000040.keras").write_bytes(b"weights")
+    record_checkpoint(folder, 40)
+    job.attempts = 2
+    assert worker._attempt(job, workdir) == "attempt 2 on worker w1, resuming from step 40"
+    (folder / "step-000000040.keras").write_bytes(b"damaged")
+    assert worker._attempt(job, workdir) == (
+        "attempt 2 on worker w1, starting from step 0 (no intact checkpoint)"
+    )

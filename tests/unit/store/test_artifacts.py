@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,8 +16,11 @@ from stepstream_service.store import artifacts
 from stepstream_service.store.artifacts import (
     ArtifactError,
     ArtifactStore,
+    CheckpointScan,
     pull_checkpoint,
     push_checkpoint,
+    record_checkpoint,
+    sha256_of,
 )
 from tests.conftest import BUCKET
 
@@ -48,16 +52,13 @@ def write_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
-def fake_checkpoint(workdir: Path, step: int, keep: int = 2) -> bytes:
-    """Write a checkpoint the way the trainer does: the file, then the marker, then prune."""
+def fake_checkpoint(workdir: Path, step: int) -> bytes:
+    """Write a checkpoint the way the trainer does: the file, then its checksum and the marker,
+    then prune."""
     folder = workdir / "checkpoints"
     data = os.urandom(1000 + step)
     write_bytes(folder / f"step-{step:09d}.keras", data)
-    (folder / "latest.json").write_text(
-        json.dumps({"step": step, "file": f"step-{step:09d}.keras"})
-    )
-    for old in sorted(folder.glob("step-*.keras"))[:-keep]:
-        old.unlink()
+    record_checkpoint(folder, step)
     return data
 
 
@@ -268,11 +269,15 @@ def test_push_uploads_file_before_marker_and_prunes(
         fake_checkpoint(workdir, step)
         push_checkpoint(store, workdir, "j1")
     prefix = "jobs/j1/checkpoints"
-    assert writes[:2] == [f"{prefix}/step-000000010.keras", f"{prefix}/latest.json"]
+    assert writes[0] == f"{prefix}/step-000000010.keras"
+    assert writes[2] == f"{prefix}/latest.json"
+    assert writes[1] == f"{prefix}/step-000000010.keras.sha256"
     assert sorted(store._names(prefix)) == [
         "latest.json",
         "step-000000030.keras",
+        "step-000000030.keras.sha256",
         "step-000000040.keras",
+        "step-000000040.keras.sha256",
     ]
     assert json.loads(store.read_text(f"{prefix}/latest.json"))["step"] == 40
 
@@ -296,12 +301,17 @@ def test_pull_keeps_a_newer_local_checkpoint(make_store: MakeStore, tmp_path: Pa
     assert not (folder / "step-000000010.keras").exists()
 
 
-def test_pull_refuses_a_marker_pointing_elsewhere(make_store: MakeStore, tmp_path: Path) -> None:
+def test_pull_never_follows_a_marker_pointing_elsewhere(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
     store = make_store()
     store.write_text("jobs/j1/checkpoints/latest.json", '{"step": 5, "file": "../../evil"}')
-    with pytest.raises(ArtifactError, match="malformed"):
-        pull_checkpoint(store, tmp_path / "w", "j1")
-    assert not (tmp_path / "w" / "checkpoints").exists()
+    assert pull_checkpoint(store, tmp_path / "w" / "j1", "j1") is None
+    # Copied as it is, for the resume to report; nothing was fetched outside the folder.
+    assert sorted(p.name for p in (tmp_path / "w").rglob("*") if p.is_file()) == ["latest.json"]
+    scan = CheckpointScan(tmp_path / "w" / "j1" / "checkpoints")
+    assert scan.existed and scan.newest_intact() is None
+    assert scan.problems == ["the checkpoint marker latest.json is unreadable"]
 
 
 def test_default_layout_copies_nothing(tmp_path: Path) -> None:
@@ -322,12 +332,162 @@ def test_default_layout_copies_nothing(tmp_path: Path) -> None:
     for path, stat in before.items():
         assert (after[path].st_ino, after[path].st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     assert (workdir / "checkpoints" / "step-000000010.keras").read_bytes() == data
-    assert store.read_text("jobs/j1/checkpoints/latest.json") == json.dumps(
-        {"step": 10, "file": "step-000000010.keras"}
-    )
+    assert json.loads(store.read_text("jobs/j1/checkpoints/latest.json")) == {
+        "step": 10,
+        "file": "step-000000010.keras",
+        "sha256": sha256_of(workdir / "checkpoints" / "step-000000010.keras"),
+    }
     # The same layout through a file:// URL, and a missing checkpoint there.
     as_url = ArtifactStore(f"file://{tmp_path}/data")
     assert pull_checkpoint(as_url, workdir, "j1") == 10
     assert pull_checkpoint(as_url, tmp_path / "data" / "jobs" / "j2", "j2") is None
     with pytest.raises(ArtifactError, match="not found"):
         as_url.get("jobs/j2/model.keras", tmp_path / "data" / "jobs" / "j2" / "model.keras")
+
+
+# ------------------------------------------------------------------------ checkpoint checksums
+
+
+def test_a_checkpoint_is_sealed_with_its_sha256_and_old_ones_go_with_theirs(tmp_path: Path) -> None:
+    workdir = tmp_path / "w"
+    for step in (10, 20, 30):
+        fake_checkpoint(workdir, step)
+    folder = workdir / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "latest.json",
+        "step-000000020.keras",
+        "step-000000020.keras.sha256",
+        "step-000000030.keras",
+        "step-000000030.keras.sha256",
+    ]
+    digest = sha256_of(folder / "step-000000030.keras")
+    marker = json.loads((folder / "latest.json").read_text())
+    assert marker == {"step": 30, "file": "step-000000030.keras", "sha256": digest}
+    # The sha256sum format, so an operator can check a folder by hand.
+    checked = subprocess.run(
+        ["sha256sum", "-c", "step-000000030.keras.sha256"], cwd=folder, capture_output=True
+    )
+    assert checked.returncode == 0, checked.stderr
+    scan = CheckpointScan(folder)
+    assert list(scan.intact())[:1] == [(30, folder / "step-000000030.keras")]
+    assert scan.resumed_from(30) == "resumed from checkpoint at step 30"
+    assert leftovers(tmp_path) == []
+
+
+def _two_checkpoints(tmp_path: Path) -> Path:
+    for step in (10, 20):
+        fake_checkpoint(tmp_path / "w", step)
+    return tmp_path / "w" / "checkpoints"
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_older(tmp_path: Path) -> None:
+    folder = _two_checkpoints(tmp_path)
+    newest = folder / "step-000000020.keras"
+    newest.write_bytes(newest.read_bytes()[:500])
+    scan = CheckpointScan(folder)
+    assert scan.newest_intact() == 10
+    assert scan.resumed_from(10) == (
+        "checkpoint at step 20 is damaged (sha256 mismatch); resumed from checkpoint at step 10"
+    )
+
+
+def test_a_deleted_newest_checkpoint_is_said_missing(tmp_path: Path) -> None:
+    folder = _two_checkpoints(tmp_path)
+    (folder / "step-000000020.keras").unlink()
+    (folder / "step-000000020.keras.sha256").unlink()  # only the marker still names it
+    scan = CheckpointScan(folder)
+    assert scan.newest_intact() == 10
+    assert scan.problems == ["checkpoint at step 20 is missing"]
+
+
+def test_an_unreadable_marker_does_not_hide_the_checkpoints(tmp_path: Path) -> None:
+    folder = _two_checkpoints(tmp_path)
+    (folder / "latest.json").write_text('{"step": 2')
+    scan = CheckpointScan(folder)
+    assert scan.newest_intact() == 20
+    assert scan.resumed_from(20) == (
+        "the checkpoint marker latest.json is unreadable; resumed from checkpoint at step 20"
+    )
+
+
+def test_a_checkpoint_without_a_recorded_sha256_is_not_trusted(tmp_path: Path) -> None:
+    folder = _two_checkpoints(tmp_path)
+    (folder / "step-000000010.keras.sha256").unlink()
+    (folder / "step-000000020.keras.sha256").write_text("not a digest\n")
+    # The marker still records the newest one's sha256: that is enough.
+    assert CheckpointScan(folder).newest_intact() == 20
+    (folder / "latest.json").unlink()
+    scan = CheckpointScan(folder)
+    assert scan.newest_intact() is None and scan.existed
+    assert scan.resumed_from(None) == (
+        "checkpoint at step 20 has no recorded sha256; checkpoint at step 10 has no recorded "
+        "sha256; no intact checkpoint is left, so training starts from step 0"
+    )
+
+
+def test_no_checkpoint_folder_means_nothing_existed(tmp_path: Path) -> None:
+    scan = CheckpointScan(tmp_path / "absent")
+    assert not scan.existed and scan.newest_intact() is None and scan.problems == []
+
+
+def test_pull_passes_over_a_damaged_remote_checkpoint(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
+    store = make_store()
+    machine_a = tmp_path / "a"
+    older = fake_checkpoint(machine_a, 10)
+    push_checkpoint(store, machine_a, "j1")
+    fake_checkpoint(machine_a, 20)
+    push_checkpoint(store, machine_a, "j1")
+    store.write_text("jobs/j1/checkpoints/step-000000020.keras", "half of it")
+    machine_b = tmp_path / "b"
+    assert pull_checkpoint(make_store("b"), machine_b, "j1") == 10
+    folder = machine_b / "checkpoints"
+    assert (folder / "step-000000010.keras").read_bytes() == older
+    # The damaged one and the marker naming it came too: the resume says what it passed over.
+    scan = CheckpointScan(folder)
+    assert scan.newest_intact() == 10
+    assert scan.problems == ["checkpoint at step 20 is damaged (sha256 mismatch)"]
+    assert leftovers(tmp_path) == []
+
+
+def test_a_checkpoint_past_the_stored_history_is_passed_over(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
+    """A worker that died after writing a checkpoint but before its steps' events reached the
+    store: resuming there would leave those steps out of the history for good."""
+    folder = _two_checkpoints(tmp_path)
+    scan = CheckpointScan(folder, upto=15)
+    assert scan.newest_intact() == 10
+    assert scan.problems == ["checkpoint at step 20 is past the last step stored (15)"]
+    assert CheckpointScan(folder, upto=20).newest_intact() == 20
+    store = make_store()
+    machine_a = tmp_path / "a"
+    fake_checkpoint(machine_a, 10)
+    push_checkpoint(store, machine_a, "j2")
+    fake_checkpoint(machine_a, 20)
+    push_checkpoint(store, machine_a, "j2")
+    assert pull_checkpoint(make_store("b"), tmp_path / "b", "j2", upto=19) == 10
+
+
+# ------------------------------------------------------------------------------ storage quota
+
+
+def test_files_and_usage_measure_what_is_stored(make_store: MakeStore, tmp_path: Path) -> None:
+    store = make_store()
+    assert store.files("uploads/t") == {} and store.usage("jobs/none") == 0
+    ten = write_bytes(tmp_path / "ten", b"x" * 10)
+    for key in ("uploads/t/a.npz", "uploads/t/deeper/b.npz", "jobs/j/model.keras"):
+        store.put(ten, key)
+    store.put(write_bytes(tmp_path / "five", b"y" * 5), "jobs/j/checkpoints/step-1.keras")
+    assert store.files("uploads/t") == {"a.npz": 10}  # the folder's own files only
+    assert store.usage("jobs/j") == 15  # however deep
+    assert make_store("b").usage("uploads") == 20
+
+
+def test_a_save_cut_short_is_cleared_at_the_next_checkpoint(tmp_path: Path) -> None:
+    folder = _two_checkpoints(tmp_path)
+    write_bytes(folder / "step-000000030.partial.keras", b"half a model")  # the worker died
+    assert CheckpointScan(folder).newest_intact() == 20  # never taken for a checkpoint
+    fake_checkpoint(tmp_path / "w", 30)
+    assert not (folder / "step-000000030.partial.keras").exists()

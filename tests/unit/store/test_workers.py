@@ -16,3 +16,13 @@ def test_workers_advertise_devices_and_go_quiet(store):
     make(store)
     job = store.claim("w-gpu", 30, gpus=2)
     assert store.busy_workers() == {"w-gpu"} and job.lease_owner == "w-gpu"
+
+
+def test_workers_register_the_memory_a_job_must_fit_in(store):
+    store.register_worker("w-big", "host-a", ["CPU:0"], 64 * 2**30)
+    store.register_worker("w-old", "host-b", ["CPU:0"])  # a worker of an older version
+    live = {w.id: w for w in store.live_workers(60)}
+    assert live["w-big"].memory_bytes == 64 * 2**30  # past 2**31: a BIGINT column
+    assert live["w-old"].memory_bytes is None
+    store.register_worker("w-big", "host-a", ["CPU:0"], 8 * 2**30)  # restarted, smaller
+    assert {w.id: w for w in store.live_workers(60)}["w-big"].memory_bytes == 8 * 2**30
