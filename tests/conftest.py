@@ -125,3 +125,12 @@ def s3() -> Iterator[dict[str, object]]:
         yield options
     finally:
         server.stop()
+
+
+def alive(pid: int) -> bool:
+    """Running, or stopped; not a zombie waiting for a parent that never reaps it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")

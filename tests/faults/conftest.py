@@ -157,3 +157,18 @@ def raw():
     yield make
     for channel in channels:
         channel.close()
+
+
+@pytest.fixture(scope="module")
+def tls_server(request, tmp_path_factory, certs, tokens):
+    """A server with tokens and TLS (no client certificates), on SQLite, for one module."""
+    from tests.faults.test_trust import serving
+
+    with serving(
+        request,
+        tmp_path_factory,
+        tokens_file=tokens.file,
+        tls_cert=certs.server_cert,
+        tls_key=certs.server_key,
+    ) as svc:
+        yield svc

@@ -15,7 +15,6 @@ import socket
 import ssl
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
@@ -23,21 +22,13 @@ import pytest
 from stepstream.client import TrainingClient
 from stepstream.kernel.events import StepEvent
 from stepstream.v1 import trainer_pb2 as pb
+from tests.conftest import alive
 from tests.faults.conftest import assert_intact
 from tests.faults.test_trust import bearer, failure, outside_address, serving, stub_of
 from tests.integration.conftest import ServiceProcess
 from tests.integration.test_service import classes, wait_for_step
 
 Code = grpc.StatusCode
-
-
-def alive(pid: int) -> bool:
-    """Running, or stopped; not a zombie waiting for a parent that never reaps it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def gone_within(pid: int, seconds: float) -> bool:

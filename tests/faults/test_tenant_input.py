@@ -186,26 +186,14 @@ def test_trainer_token_and_the_server_agree_on_good_names(tmp_path):
 # ---------------------------------------------------------------- (d) plaintext to TLS
 
 
-@pytest.fixture(scope="module")
-def tls_only(request, tmp_path_factory, certs, tokens):
-    with serving(
-        request,
-        tmp_path_factory,
-        tokens_file=tokens.file,
-        tls_cert=certs.server_cert,
-        tls_key=certs.server_key,
-    ) as svc:
-        yield svc
-
-
-def test_a_plaintext_client_on_a_tls_server_is_told_to_use_tls(tls_only, certs, tokens):
-    with TrainingClient(tls_only.address, token=tokens.alice, timeout=10) as plain:
+def test_a_plaintext_client_on_a_tls_server_is_told_to_use_tls(tls_server, certs, tokens):
+    with TrainingClient(tls_server.address, token=tokens.alice, timeout=10) as plain:
         err = failure(lambda: list(plain.jobs()))
     assert err.code() == Code.UNAVAILABLE
     assert "TLS" in err.details() and "tls=True" in err.details(), err.details()
     assert "TLS" in str(err), str(err)
     cli = subprocess.run(
-        [sys.executable, "-m", "stepstream.cli", "jobs", "--address", tls_only.address],
+        [sys.executable, "-m", "stepstream.cli", "jobs", "--address", tls_server.address],
         capture_output=True,
         text=True,
         timeout=60,
@@ -214,7 +202,7 @@ def test_a_plaintext_client_on_a_tls_server_is_told_to_use_tls(tls_only, certs, 
     assert cli.returncode != 0
     assert "--tls" in cli.stderr and "--ca-cert" in cli.stderr, cli.stderr
     # Over TLS all is well, and the job's history is whole.
-    with TrainingClient(tls_only.address, token=tokens.alice, ca_cert=certs.ca) as alice:
+    with TrainingClient(tls_server.address, token=tokens.alice, ca_cert=certs.ca) as alice:
         job = alice.submit(classes(20, "after-hint"))
         assert job.cancel().state == "CANCELLED"
         assert_intact(history(alice, job.name), final="CANCELLED")

@@ -294,18 +294,6 @@ def test_health_needs_no_token(guarded):
 # ---------------------------------------------------------------- 3. TLS
 
 
-@pytest.fixture(scope="module")
-def tls_server(request, tmp_path_factory, certs, tokens):
-    with serving(
-        request,
-        tmp_path_factory,
-        tokens_file=tokens.file,
-        tls_cert=certs.server_cert,
-        tls_key=certs.server_key,
-    ) as svc:
-        yield svc
-
-
 def test_tls_refuses_plaintext_and_strangers_and_keeps_serving(tls_server, certs, tokens):
     assert tls_server.ready.endswith("; auth tokens, tls on"), tls_server.ready
 

@@ -15,6 +15,7 @@ import pytest
 
 from stepstream_service.config import Settings
 from stepstream_service.runtime.slots import SlotLock, lock_path
+from tests.conftest import alive
 
 
 def test_gpu_locks_are_machine_wide_and_cpu_locks_per_data_folder(tmp_path: Path):
@@ -50,14 +51,6 @@ def test_a_worker_told_to_stop_while_waiting_gives_up(tmp_path: Path):
     stop = threading.Event()
     threading.Timer(0.3, stop.set).start()
     assert not SlotLock(path, "w2").acquire(stop)
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 @pytest.mark.parametrize("signalled", [True, False], ids=["kernel-signal", "watchdog-only"])

@@ -177,6 +177,12 @@ def test_each_attempt_says_where_it_starts(store, tmp_path):
     (folder / "step-000000040.keras").write_bytes(b"weights")
     record_checkpoint(folder, 40)
     job.attempts = 2
+    # Only up to the last step whose events are stored: past it the history would have a hole.
+    job.step = 39
+    assert worker._attempt(job, workdir) == (
+        "attempt 2 on worker w1, starting from step 0 (no intact checkpoint)"
+    )
+    job.step = 40
     assert worker._attempt(job, workdir) == "attempt 2 on worker w1, resuming from step 40"
     (folder / "step-000000040.keras").write_bytes(b"damaged")
     assert worker._attempt(job, workdir) == (
