@@ -25,7 +25,7 @@ from tests.faults.test_trust import bearer, serving, stub_of
 from tests.integration.test_service import classes
 
 Code = grpc.StatusCode
-LARGEST_JOBS = 300  # enough pages of the largest jobs for every listing to read many
+LARGEST_JOBS = 150  # several pages of the largest jobs for every listing
 
 
 @pytest.fixture(scope="module")
