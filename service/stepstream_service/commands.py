@@ -134,13 +134,9 @@ _SERVICE_FLAGS = (
 
 
 def _until_signalled() -> None:
-    import signal
-    import threading
+    from stepstream_service.runtime.signals import stop_event
 
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    done.wait()
+    stop_event().wait()
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -262,7 +261,7 @@ class Worker:
                 self.stopping.wait(1.0)
                 continue
             if job is None:
-                self.wakeups.wait(QUEUE_CHANNEL, idle)
+                self.wakeups.wait(QUEUE_CHANNEL, idle, until=self.stopping)
                 continue
             self.run_job(job)
             seen = time.monotonic()
@@ -473,14 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    from stepstream_service.runtime.signals import stop_event
     from stepstream_service.runtime.slots import SlotLock, Watchdog, die_with_parent
 
     who = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     # One event for every reason to stop, set even before the worker exists (a signal or a
     # dead supervisor while the framework loads or the slot is awaited).
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    stopping = stop_event()
     if args.parent_pid is not None:
         if not die_with_parent(args.parent_pid):
             log.warning("worker %s: its supervisor is gone before it started; exiting", who)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
+UNTIL_CHECK_SECONDS = 0.25  # how soon a wait notices its `until` event
 
 
 class Wakeups:
@@ -39,10 +41,17 @@ class Wakeups:
         if self.thread is not None:
             self.thread.join(timeout=3)
 
-    def wait(self, channel: str, timeout: float) -> bool:
-        """True when woken by a notification; False when the timeout passed."""
+    def wait(self, channel: str, timeout: float, until: threading.Event | None = None) -> bool:
+        """True when woken by a notification; False when the timeout passed or `until` was
+        set (a worker told to stop must not sleep out a long poll interval first)."""
         flag = self.flags[channel]
-        woken = flag.wait(timeout)
+        end = time.monotonic() + timeout
+        woken = False
+        while not woken and (until is None or not until.is_set()):
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            woken = flag.wait(left if until is None else min(left, UNTIL_CHECK_SECONDS))
         flag.clear()
         return woken
 
