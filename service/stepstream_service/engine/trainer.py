@@ -93,6 +93,7 @@ def train(
     return result
 
 
+XLA_MIN_STEPS = 3000  # see _jit_compile
 # Layers whose XLA code on the CPU beats TensorFlow's own kernels (measured; see _jit_compile).
 _XLA_ON_CPU = (
     keras.layers.InputLayer,
@@ -259,12 +260,15 @@ class _Run:
         """XLA or not. Keras's 'auto' leaves it off on a machine without a GPU; there the
         service turns it on for models made only of the _XLA_ON_CPU layers, which it speeds up
         (the seed MLP 1.36x), and leaves it off for convolutions (a CNN ran at 0.38x) and
-        recurrent layers (0.93x). See docs/benchmarks.md."""
+        recurrent layers (0.93x). See docs/benchmarks.md. A short job gets no XLA: compiling
+        costs about a second, more than it saves over fewer than XLA_MIN_STEPS steps."""
         choice = self.spec.runtime.jit_compile
         if choice != "auto" or keras.config.backend() != "tensorflow":
             return choice
         if self.spec.runtime.device != "cpu" and gpu_available():
             return "auto"
+        if self.total < XLA_MIN_STEPS:
+            return False
         return all(isinstance(layer, _XLA_ON_CPU) for layer in model.layers)
 
     def _window(self, model: keras.Model, data: Data) -> int:

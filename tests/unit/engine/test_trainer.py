@@ -10,6 +10,7 @@ import pytest
 
 from stepstream.kernel import names
 from stepstream.kernel.spec import JobSpec, load_spec
+from stepstream_service.engine import trainer
 from stepstream_service.engine.datasets import DataPaths
 from stepstream_service.engine.trainer import NoGPU, gpu_available, latest_checkpoint, train
 from stepstream_service.store.artifacts import record_checkpoint
@@ -424,13 +425,24 @@ def built(events) -> str:
         (IMAGES, "cnn", True, True),
     ],
 )
-def test_xla_is_used_where_it_is_faster_on_the_cpu(data, model, jit, xla, tmp_path):
+def test_xla_is_used_where_it_is_faster_on_the_cpu(data, model, jit, xla, tmp_path, monkeypatch):
     assert not gpu_available()
+    # These jobs are a few steps long: as if they were long enough for XLA to pay.
+    monkeypatch.setattr(trainer, "XLA_MIN_STEPS", 1)
     spec = {**QUICK, "dataset": data, "model": model}
     spec["runtime"] = {**QUICK["runtime"], "jit_compile": jit}
     result, events = run(spec, tmp_path)
     assert_trained(result, events)
     assert ("compiled with XLA" in built(events)) is xla
+
+
+def test_a_short_job_is_not_compiled_with_xla(tmp_path):
+    """Compiling costs more than it saves on a short job, so auto leaves it off there."""
+    spec = {**QUICK, "dataset": CLASSES, "model": "mlp"}
+    assert QUICK["training"]["steps"] < trainer.XLA_MIN_STEPS
+    result, events = run(spec, tmp_path)
+    assert_trained(result, events)
+    assert "compiled with XLA" not in built(events)
 
 
 def test_xla_trains_the_same_run_as_tensorflows_kernels(tmp_path):
