@@ -7,8 +7,10 @@ on Fashion-MNIST, run in alternating rounds in one process:
   bare-tfdata-spe{K}  model.fit on a repeated tf.data pipeline, steps_per_execution=K
   ...-xla             the same with jit_compile=True (Keras leaves XLA off on a CPU-only machine)
   naive-callback      bare fit with a per-step callback reading loss and accuracy (the naive way)
-  train()             the service's engine, every step emitted as an event (XLA: its own choice)
+  train()             the service's engine, every step emitted as an event and written to
+                      TensorBoard event files, as the service runs it (XLA: its own choice)
   train()-no-xla      the same with runtime.jit_compile: false
+  train()-no-tensorboard  train() without its TensorBoard files (what they cost)
 
 Throughput is steps per second over the whole fit, tracing included, for every contender. The
 ratios compare train()'s best round with the best round of the best bare configuration, once
@@ -102,11 +104,11 @@ def naive_callback(x, y, steps, spe):
     return steps / (time.perf_counter() - t0)
 
 
-def service_train(spec, steps):
+def service_train(spec, steps, tensorboard=True):
     events = []
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()
-        result = train(spec, events.append, workdir=workdir)
+        result = train(spec, events.append, workdir=workdir, tensorboard=tensorboard)
         total = time.perf_counter() - t0
     step_events = [e for e in events if e.kind == "step"]
     assert len(step_events) == steps and result.outcome == "succeeded", result
@@ -138,7 +140,14 @@ def main() -> int:
     xla = {"bare-numpy-spe50-xla": (bare_numpy, 50), "bare-tfdata-spe100-xla": (bare_tfdata, 100)}
     plain = spec.model_copy(deep=True)
     plain.runtime.jit_compile = False
-    contenders = [*bare, *xla, "naive-callback", "train()", "train()-no-xla"]
+    contenders = [
+        *bare,
+        *xla,
+        "naive-callback",
+        "train()",
+        "train()-no-xla",
+        "train()-no-tensorboard",
+    ]
     results: dict[str, list[float]] = {name: [] for name in contenders}
     accuracy = []
     for r in range(args.rounds):
@@ -151,6 +160,7 @@ def main() -> int:
         results["train()"].append(sps)
         accuracy.append(acc)
         results["train()-no-xla"].append(service_train(plain, args.steps)[0])
+        results["train()-no-tensorboard"].append(service_train(spec, args.steps, False)[0])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items()))
 
     print(f"\n{'contender':<24}{'best steps/s':>14}{'median':>10}")
@@ -164,7 +174,12 @@ def main() -> int:
     same = max(results["train()"]) / best_xla
     plain_ratio = max(results["train()-no-xla"]) / best_bare
     naive = max(results["naive-callback"]) / best_bare
-    print(f"\ntrain() with every step streamed / best bare Keras ({best_bare_name}): {ratio:.3f}")
+    quiet = max(results["train()-no-tensorboard"]) / best_bare
+    print(
+        f"\ntrain() with every step streamed, TensorBoard on / best bare Keras "
+        f"({best_bare_name}): {ratio:.3f}"
+    )
+    print(f"train() with TensorBoard off / best bare Keras ({best_bare_name}): {quiet:.3f}")
     print(f"train() / best bare Keras with XLA ({best_xla_name}): {same:.3f}")
     print(f"train() without XLA / best bare Keras ({best_bare_name}): {plain_ratio:.3f}")
     print(f"naive per-step callback / best bare Keras: {naive:.3f}")

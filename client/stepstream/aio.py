@@ -13,7 +13,7 @@ this module only awaits what they ask for.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,8 +57,11 @@ class AsyncJob(JobHandle):
     async def metrics(self, max_points: int = 0) -> Metrics:
         return await self.client._run(self._ops.metrics(self.name, max_points))
 
-    async def download_model(self, path: str | Path) -> Path:
-        return await self.client._run(self._ops.download_model(self.name, path))
+    async def download_model(self, path: str | Path, format: str = "keras") -> Path:
+        return await self.client._run(self._ops.download_model(self.name, path, format))
+
+    async def download_tensorboard(self, path: str | Path) -> Path:
+        return await self.client._run(self._ops.download_artifacts(self.name, path, "tensorboard"))
 
 
 class AsyncTrainingClient(Connection, ClientSurface[Awaitable[AsyncJob], AsyncIterator[JobInfo]]):
@@ -84,6 +87,15 @@ class AsyncTrainingClient(Connection, ClientSurface[Awaitable[AsyncJob], AsyncIt
 
     async def upload_dataset(self, name: str, path: str | Path, chunk_size: int = 1 << 20) -> str:
         return await self._run(self._ops.upload_dataset(name, path, chunk_size))
+
+    async def upload(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        chunk_size: int = 1 << 20,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> pb.Dataset:
+        return await self._run(self._ops.upload(path, name, chunk_size, progress))
 
     # The shell: perform what a program asks, awaiting.
 

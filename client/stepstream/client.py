@@ -14,7 +14,7 @@ decides on retries; `stepstream.aio` is the asyncio shell over the same.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,9 +86,14 @@ class Job(JobHandle):
     def metrics(self, max_points: int = 0) -> Metrics:
         return self.client._run(self._ops.metrics(self.name, max_points))
 
-    def download_model(self, path: str | Path) -> Path:
-        """Write the trained model (.keras) to `path` (a file, or a folder to put it in)."""
-        return self.client._run(self._ops.download_model(self.name, path))
+    def download_model(self, path: str | Path, format: str = "keras") -> Path:
+        """Write the trained model to `path` (a file, or a folder to put it in): .keras, or
+        exported as onnx, tflite or saved_model (a folder, as TF Serving loads it)."""
+        return self.client._run(self._ops.download_model(self.name, path, format))
+
+    def download_tensorboard(self, path: str | Path) -> Path:
+        """Write the job's TensorBoard event files into the folder `path` (one run)."""
+        return self.client._run(self._ops.download_artifacts(self.name, path, "tensorboard"))
 
 
 class TrainingClient(Connection, ClientSurface[Job, Iterator[JobInfo]]):
@@ -116,6 +121,17 @@ class TrainingClient(Connection, ClientSurface[Job, Iterator[JobInfo]]):
     def upload_dataset(self, name: str, path: str | Path, chunk_size: int = 1 << 20) -> str:
         """Upload an .npz file; returns the path to use as dataset: {name: npz, path: ...}."""
         return self._run(self._ops.upload_dataset(name, path, chunk_size))
+
+    def upload(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        chunk_size: int = 1 << 20,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> pb.Dataset:
+        """Upload a dataset file (.npz, .csv, .parquet, .tfrecord) or an image folder, resuming
+        an earlier interrupted upload of the same file; its Dataset (`.path` goes in a spec)."""
+        return self._run(self._ops.upload(path, name, chunk_size, progress))
 
     # The shell: perform what a program asks, blocking.
 

@@ -19,6 +19,7 @@ methods whose signature and body are the same in both shells (`ClientSurface`, `
 from __future__ import annotations
 
 import json
+import tarfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
@@ -28,6 +29,7 @@ from typing import IO, Any, Generic, TypeVar
 
 import grpc
 
+from stepstream import uploads
 from stepstream.kernel.events import EvalEvent, Event, StateEvent
 from stepstream.kernel.failures import Failure
 from stepstream.kernel.spec import JobSpec, load_spec
@@ -249,6 +251,7 @@ CAPABILITY_KINDS = (
     "metrics",
     "datasets",
     "schedules",
+    "backbones",
 )
 
 
@@ -328,6 +331,43 @@ class ModelFile:
             self._out.close()
         if self._partial is not None:
             self._partial.unlink(missing_ok=True)
+
+
+class Unpacked(ModelFile):
+    """A tar the server sends (a SavedModel, a TensorBoard folder), unpacked into `path`: a
+    folder made for it, or, when `path` is a folder that already holds something, a new folder
+    in it named after the file. Only plain files and folders inside the target are unpacked."""
+
+    def write(self, filename: str, data: bytes) -> None:
+        if self._out is None:
+            stem = filename.removesuffix(".tar") or "download"
+            busy = self.path.is_dir() and any(self.path.iterdir())
+            self.target = self.path / stem if busy else self.path
+            self._partial = self.target.with_name(self.target.name + ".partial.tar")
+            self._partial.parent.mkdir(parents=True, exist_ok=True)
+            self._out = self._partial.open("wb")
+        self._out.write(data)
+
+    def keep(self, job: str) -> Path:
+        if self._out is None or self._partial is None or self.target is None:
+            raise RuntimeError(f"{job}: the server sent nothing")
+        self._out.close()
+        with tarfile.open(self._partial) as tar:
+            members = tar.getmembers()
+            for member in members:
+                parts = Path(member.name).parts
+                unsafe = Path(member.name).is_absolute() or ".." in parts
+                if unsafe or not (member.isfile() or member.isdir()):
+                    raise RuntimeError(f"{job}: the server sent an unsafe entry {member.name!r}")
+            self.target.mkdir(parents=True, exist_ok=True)
+            # Python's own check too, where it has one (3.12, and backported to 3.10.12).
+            checked = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            for member in members:
+                member.mode = 0o755 if member.isdir() else 0o644
+                tar.extract(member, self.target, **checked)
+        self._partial.unlink()
+        self._partial = None
+        return self.target
 
 
 # ---------------------------------------------------------------- when to try again
@@ -474,9 +514,53 @@ class Operations:
         reply = yield Call("UploadDataset", dataset_parts(name, path, chunk_size), None)
         return reply.path
 
-    def download_model(self, name: str, path: str | Path) -> Program[Path]:
-        stream = yield Open("DownloadModel", pb.DownloadModelRequest(name=name), None)
-        out = ModelFile(path)
+    def upload(
+        self,
+        path: str | Path,
+        name: str | None,
+        chunk_size: int,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Program[Any]:
+        """A file or folder uploaded, resuming from what the server already holds of it;
+        the Dataset answer. `progress(done, total)` is told the bytes held first, then each
+        chunk's."""
+        file, fmt = uploads.prepared(path)
+        h = uploads.header(file, fmt, name or uploads.default_name(path))
+        held = yield Call("GetUploadProgress", pb.GetUploadProgressRequest(header=h), None)
+        done = [held.received_bytes]
+        if progress is not None:
+            progress(done[0], h.size_bytes)
+        if held.HasField("dataset"):
+            return held.dataset
+        h.offset = held.received_bytes
+
+        def sent(n: int) -> None:
+            done[0] += n
+            if progress is not None:
+                progress(done[0], h.size_bytes)
+
+        return (yield Call("UploadDataset", uploads.parts(h, file, chunk_size, sent), None))
+
+    def download_model(self, name: str, path: str | Path, format: str = "keras") -> Program[Path]:
+        """The model, as .keras or exported; a SavedModel (a tar) is unpacked into a folder."""
+        request = pb.DownloadModelRequest(name=name, format=format)
+        stream = yield Open("DownloadModel", request, None)
+        out = Unpacked(path) if format == "saved_model" else ModelFile(path)
+        try:
+            while (chunk := (yield Next(stream))) is not END:
+                out.write(chunk.filename, chunk.data)
+            return out.keep(name)
+        finally:
+            out.discard()
+
+    def download_artifacts(
+        self, name: str, path: str | Path, kind: str = "tensorboard"
+    ) -> Program[Path]:
+        """Files the job wrote besides its model (kind "tensorboard": its TensorBoard event
+        files), unpacked into the folder `path`."""
+        request = pb.DownloadArtifactsRequest(name=name, kind=kind)
+        stream = yield Open("DownloadArtifacts", request, None)
+        out = Unpacked(path)
         try:
             while (chunk := (yield Next(stream))) is not END:
                 out.write(chunk.filename, chunk.data)

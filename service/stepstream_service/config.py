@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # peak stays mapped.
     worker_max_growth_mib: int = 2048
     max_upload_bytes: int = 512 * 1024 * 1024
+    # A model converted on download (onnx, tflite, saved_model) in a subprocess of the server:
+    # one that takes longer is refused, saying so.
+    export_seconds: float = 300.0
     metrics_linger_seconds: float = 300.0
     # Where a GPU slot's lock lives: machine-wide, so two supervisors (one restarted after a
     # crash) never run two workers on one device; a CPU slot's lock is under data_dir.
@@ -60,7 +63,9 @@ class Settings(BaseSettings):
     # Limits, each named in the error that enforces it.
     max_message_bytes: int = 8 * 1024 * 1024
     # A job's spec is kept with it and sent with every answer about it (labels included).
-    max_spec_bytes: int = 64 * 1024
+    # Room for a Keras model config (architecture keras): about 1.5 KiB a layer as
+    # model.to_json() writes it, so a ResNet-50's or EfficientNet-B0's fits.
+    max_spec_bytes: int = 1024 * 1024
     max_queued_per_tenant: int = 1000
     max_watchers_per_tenant: int = 64
     # What a tenant may keep stored: its jobs' events, models and checkpoints, and its uploads.
@@ -86,6 +91,9 @@ class Settings(BaseSettings):
     grace_seconds: float = 30.0  # SIGTERM: running jobs checkpoint and go back to the queue
     retention_days: float | None = None  # finished jobs older than this are deleted
     retention_keep: int | None = None  # at most this many finished jobs are kept
+    # An upload cut off part-way is kept this long for `trainer upload` to resume, counted in
+    # its tenant's storage quota meanwhile; then it is deleted.
+    upload_resume_hours: float = 24.0
 
     @property
     def auth_configured(self) -> bool:

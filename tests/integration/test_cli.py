@@ -10,11 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from stepstream.client import TrainingClient
+from stepstream.kernel.states import JobState
 
 from .conftest import ServiceProcess, service_env
 from .test_service import classes
@@ -159,3 +162,44 @@ def test_field_violations_of_a_refused_spec_are_listed(tmp_path):
     lines = out.stderr.splitlines()
     assert lines[0].startswith("error: INVALID_ARGUMENT: ")
     assert any(line.startswith("  spec.training.steps: ") for line in lines[1:]), out.stderr
+
+
+def test_exports_and_tensorboard_files_download(server, tmp_path):
+    """A job that exports ONNX: `download --format onnx` gives it, and one it did not export
+    (tflite) is converted on download; `trainer tensorboard` writes a run folder per job that
+    TensorBoard's reader reads, every streamed step in it."""
+    import onnxruntime
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    address = server.address
+    with TrainingClient(address) as client:
+        job = client.submit({**classes(30, "exported", eval_every=10), "export": ["onnx"]})
+        assert job.wait(timeout=120).state == JobState.SUCCEEDED
+        events = list(job.stream())
+    streamed = {e.step: e.loss for e in events if e.kind == "step"}
+    assert sorted(streamed) == list(range(1, 31))
+    evals = [e for e in events if e.kind == "eval"]
+
+    onnx_file = tmp_path / "model.onnx"
+    out = run("download", job.id, "--format", "onnx", "-o", str(onnx_file), address=address)
+    assert out.returncode == 0 and out.stdout.strip() == str(onnx_file), out.stderr
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    (given,) = session.get_inputs()
+    (probabilities,) = session.run(None, {given.name: np.zeros((2, 8), "float32")})
+    assert probabilities.shape == (2, 3)
+
+    out = run("download", job.id, "--format", "tflite", "-o", str(tmp_path), address=address)
+    assert out.returncode == 0, out.stderr
+    converted = Path(out.stdout.strip())
+    assert converted == tmp_path / "exported.tflite" and converted.stat().st_size > 0
+
+    out = run("tensorboard", job.id, "-o", str(tmp_path / "runs"), address=address)
+    assert out.returncode == 0, out.stderr
+    folder = tmp_path / "runs" / f"exported-{job.id.removeprefix('job-')[:8]}"
+    assert out.stdout.split() == [str(folder)]
+    board = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    board.Reload()
+    assert {s.step: s.value for s in board.Scalars("train/loss")} == streamed
+    evaluated = board.Scalars(f"{evals[0].split}/loss")
+    assert [(s.step, s.value) for s in evaluated] == [(e.step, e.values["loss"]) for e in evals]
+    assert [e.step for e in evals] == [10, 20, 30]

@@ -45,6 +45,13 @@ def test_lstm_example_finds_the_marker(tmp_path):
     assert result.outcome == "succeeded" and result.test_metrics["accuracy"] >= 0.95
 
 
+def test_attention_example_finds_the_marker(tmp_path):
+    """The graph form: token and position embeddings, self-attention, a residual add."""
+    result, _ = run_example("attention.yaml", tmp_path)
+    assert result.outcome == "succeeded" and result.steps == 120
+    assert result.test_metrics["accuracy"] >= 0.95, result.test_metrics
+
+
 def test_cli_trains_a_job_file_and_reports(tmp_path):
     out = subprocess.run(
         [
@@ -87,3 +94,33 @@ def test_cli_exit_codes_for_bad_and_failing_jobs(tmp_path):
         timeout=300,
     )
     assert out.returncode == 1 and "loss became" in out.stderr
+
+
+def test_csv_example_trains_on_the_iris_file_scikit_learn_ships(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import sklearn
+
+    (tmp_path / "uploads").mkdir()
+    iris = Path(sklearn.__file__).parent / "datasets" / "data" / "iris.csv"
+    shutil.copy(iris, tmp_path / "uploads" / "iris.csv")  # as `trainer upload` keeps it
+    spec = load_spec(EXAMPLES / "csv.yaml")
+    events = []
+    paths = DataPaths(data_dir=tmp_path, uploads=tmp_path / "uploads", download=False)
+    result = train(spec, events.append, workdir=tmp_path / "work", paths=paths)
+    assert result.outcome == "succeeded", result.failure
+    assert result.final_eval["accuracy"] >= 0.9, result.final_eval
+
+
+def test_resnet_example_a_keras_config_learns(tmp_path):
+    # examples/resnet.py wrote resnet.json with JobSpec.from_keras; it must still be what it
+    # writes (run `python examples/resnet.py` after changing it).
+    import json
+    import runpy
+
+    job = runpy.run_path(str(EXAMPLES / "resnet.py"))["job"]
+    assert json.loads((EXAMPLES / "resnet.json").read_text()) == json.loads(json.dumps(job()))
+    result, _ = run_example("resnet.json", tmp_path, steps=150, eval_every=75)
+    assert result.outcome == "succeeded"
+    assert result.test_metrics["accuracy"] >= 0.6, result.test_metrics

@@ -11,7 +11,9 @@ import importlib.metadata
 import logging
 import math
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from stepstream.cli.completion import autocomplete, complete_jobs, complete_states, print_script
 from stepstream.cli.errors import (
@@ -29,7 +31,7 @@ from stepstream.cli.output import FORMATS, dump, job_record, job_view, jobs_tabl
 from stepstream.cli.progress import ProgressBar, print_event
 from stepstream.cli.remote import DEFAULT_ADDRESS, connect, credentials
 from stepstream.cli.spec_files import load_spec_file, read_spec_file
-from stepstream.kernel.spec import JobSpec, SpecError
+from stepstream.kernel.spec import EXPORT_FORMATS, JobSpec, SpecError
 
 # ---------------------------------------------------------------- commands
 
@@ -163,8 +165,41 @@ def _cancel(args: argparse.Namespace) -> int:
 
 def _download(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        path = client.job(resolve_job(client, args.job)).download_model(args.output)
+        job = client.job(resolve_job(client, args.job))
+        path = job.download_model(args.output, args.format)
     print(path)
+    return 0
+
+
+def _tensorboard(args: argparse.Namespace) -> int:
+    """Each job's TensorBoard files in a folder of its own under -o, named for a person
+    (display name and short id), so `tensorboard --logdir DIR` shows one run per job."""
+    out = Path(args.output)
+    with connect(args) as client:
+        jobs = [client.job(resolve_job(client, name)).info() for name in args.jobs]
+        for info in jobs:
+            short = info.id.removeprefix("job-")[:8]
+            folder = out / f"{info.display_name}-{short}"
+            if folder.exists():
+                shutil.rmtree(folder)  # a fresh copy: the job may have gone on since
+            client.job(info.id).download_tensorboard(folder)
+            print(folder)
+    print(f"tensorboard --logdir {out}", file=sys.stderr)
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=Path(args.path).name) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        with connect(args) as client:
+            dataset = client.upload(args.path, args.name, progress=progress)
+    print(dataset.path)
     return 0
 
 
@@ -309,7 +344,19 @@ examples:
 Ctrl-C detaches (exit 130) and prints the --after-seq to resume from.
 """,
     "cancel": "examples:\n  trainer cancel 3f2a\n  trainer cancel seed-mlp\n",
-    "download": "examples:\n  trainer download 3f2a\n  trainer download seed-mlp -o model.keras\n",
+    "download": """\
+examples:
+  trainer download 3f2a
+  trainer download seed-mlp -o model.keras
+  trainer download seed-mlp --format onnx -o model.onnx
+  trainer download seed-mlp --format saved_model -o serving/seed-mlp/1   for TF Serving
+""",
+    "tensorboard": """\
+examples:
+  trainer tensorboard 3f2a seed-mlp -o runs && tensorboard --logdir runs
+""",
+    "upload": "examples:\n  trainer upload iris.csv\n  trainer upload photos/ --name flowers\n"
+    "  trainer upload mobilenet.weights.h5   # a backbone's weights: model.weights in a spec\n",
     "plot": "examples:\n  trainer plot 3f2a -o curves.png --max-points 500\n",
     "health": "examples:\n  trainer health --address trainer.internal:50051 || restart-it\n",
     "completion": """\
@@ -405,6 +452,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("download", _download, "download a job's trained model")
     job_arg(p)
     p.add_argument("-o", "--output", default=".", help="a file or a folder")
+    p.add_argument(
+        "--format",
+        choices=("keras", *EXPORT_FORMATS),
+        default="keras",
+        help="keras (default), onnx, tflite, or saved_model (a folder, for TF Serving); one the "
+        "job did not export is converted on the server",
+    )
+    p = command("tensorboard", _tensorboard, "download jobs' TensorBoard files, one run each")
+    action = p.add_argument("jobs", nargs="+", metavar="JOB", help="ids, prefixes or names")
+    action.completer = complete_jobs  # type: ignore[attr-defined]
+    p.add_argument("-o", "--output", default="tensorboard", help="the log folder (--logdir)")
+    p = command("upload", _upload, "upload a dataset, image folder or weights file (resumes)")
+    p.add_argument(
+        "path",
+        help="a .csv, .parquet, .tfrecord or .npz file, an image folder, or a backbone's "
+        ".weights.h5 file",
+    )
+    p.add_argument("--name", help="the upload's name (the file's name without its extension)")
     p = command("plot", _plot, "plot a job's loss and accuracy curves")
     job_arg(p)
     p.add_argument("-o", "--output", default="curves.png")

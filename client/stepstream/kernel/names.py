@@ -8,7 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ARCHITECTURES = ("cnn", "layers", "linear", "mlp", "rnn")
+ARCHITECTURES = ("backbone", "cnn", "keras", "layers", "linear", "mlp", "rnn")
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """A keras.applications model without its top: the smallest input side it takes, and the
+    channels of its last feature map (what the head reads after pooling)."""
+
+    min_size: int
+    features: int
+
+
+BACKBONES: dict[str, BackboneInfo] = {
+    "efficientnet_b0": BackboneInfo(32, 1280),
+    "mobilenet_v2": BackboneInfo(32, 1280),
+    "resnet50": BackboneInfo(32, 2048),
+}
+# keras.applications' own spellings (MobileNetV2, EfficientNetB0), lower-cased.
+BACKBONE_ALIASES = {"efficientnetb0": "efficientnet_b0", "mobilenetv2": "mobilenet_v2"}
 
 ACTIVATIONS = (
     "elu",
@@ -70,6 +88,7 @@ LOSSES: dict[str, LossInfo] = {
     ),
 }
 LOSS_ALIASES = {
+    "cosine": "cosine_similarity",
     "cosine_proximity": "cosine_similarity",
     "huber_loss": "huber",
     "kld": "kl_divergence",
@@ -113,18 +132,63 @@ SCHEDULES: dict[str, frozenset[str]] = {
 }
 
 LAYERS = (
+    "activation",
+    "add",
+    "average_pool1d",
+    "average_pool2d",
     "batch_normalization",
+    "bidirectional",
+    "concatenate",
+    "conv1d",
     "conv2d",
+    "conv2d_transpose",
     "dense",
+    "depthwise_conv1d",
+    "depthwise_conv2d",
     "dropout",
     "embedding",
     "flatten",
+    "global_average_pool1d",
+    "global_average_pool2d",
+    "global_max_pool1d",
+    "global_max_pool2d",
+    "group_normalization",
     "gru",
+    "layer_normalization",
     "lstm",
+    "max_pool1d",
     "max_pool2d",
+    "multi_head_attention",
+    "multiply",
+    "position_embedding",
+    "random_contrast",
+    "random_crop",
+    "random_flip",
+    "random_rotation",
+    "random_zoom",
+    "rescaling",
+    "reshape",
+    "separable_conv1d",
+    "separable_conv2d",
     "simple_rnn",
+    "upsampling1d",
+    "upsampling2d",
 )
+# Keras's own spellings of the pooling and upsampling layers (MaxPooling2D, GlobalAvgPool1D...).
+LAYER_ALIASES = {
+    **{f"{k}_pooling{d}d": f"{k}_pool{d}d" for k in ("max", "average") for d in (1, 2)},
+    **{f"avg_pool{d}d": f"average_pool{d}d" for d in (1, 2)},
+    **{
+        f"global_{k}_pooling{d}d": f"global_{k}_pool{d}d"
+        for k in ("max", "average")
+        for d in (1, 2)
+    },
+    **{f"global_avg_pool{d}d": f"global_average_pool{d}d" for d in (1, 2)},
+    **{f"up_sampling{d}d": f"upsampling{d}d" for d in (1, 2)},
+}
 RNN_CELLS = ("gru", "lstm", "simple_rnn")
+# Layers that merge two or more inputs into one.
+MERGE_LAYERS = ("add", "concatenate", "multiply")
 
 # Metrics reported at evaluation time. "classification" ones need class labels; "regression"
 # ones compare values and so need dense (one-hot or real-valued) labels.
@@ -149,6 +213,8 @@ METRICS: dict[str, str] = {
 }
 METRIC_ALIASES = {
     "acc": "accuracy",
+    "cosine": "cosine_similarity",
+    "cosine_proximity": "cosine_similarity",
     "mae": "mean_absolute_error",
     "mape": "mean_absolute_percentage_error",
     "mse": "mean_squared_error",
@@ -168,11 +234,22 @@ class DatasetInfo:
 
 
 _SYNTH = frozenset({"num_samples", "noise"})
+# Datasets read from files, streamed batch by batch when they would not fit in memory.
+_FILES = frozenset(
+    {"path", "validation_path", "test_path", "num_classes", "shuffle_buffer", "stream"}
+)
+_TABLE = _FILES | {"features", "label", "categorical"}
+STREAMED = frozenset({"csv", "parquet", "tfrecord", "image_folder"})
+FILE_DATASETS = STREAMED | {"npz"}
 DATASETS: dict[str, DatasetInfo] = {
     "fashion_mnist": DatasetInfo("image", "classification"),
     "linear": DatasetInfo("tabular", "regression", frozenset({"num_samples", "noise"})),
     "mnist": DatasetInfo("image", "classification"),
     "npz": DatasetInfo(None, None, frozenset({"path"})),
+    "csv": DatasetInfo("tabular", None, _TABLE),
+    "parquet": DatasetInfo("tabular", None, _TABLE),
+    "tfrecord": DatasetInfo("tabular", None, _FILES | {"feature_spec", "features", "label"}),
+    "image_folder": DatasetInfo("image", "classification", _FILES | {"image_size", "channels"}),
     "synthetic_classification": DatasetInfo(
         "tabular", "classification", _SYNTH | {"num_features", "num_classes"}
     ),
@@ -193,6 +270,7 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 CANONICAL: dict[str, tuple[str, ...]] = {
     "activation": ACTIVATIONS,
     "architecture": ARCHITECTURES,
+    "backbone": tuple(sorted(BACKBONES)),
     "dataset": tuple(sorted(DATASETS)),
     "layer": LAYERS,
     "loss": tuple(sorted(LOSSES)),
@@ -202,6 +280,8 @@ CANONICAL: dict[str, tuple[str, ...]] = {
 }
 ALIASES: dict[str, dict[str, str]] = {
     "activation": ACTIVATION_ALIASES,
+    "backbone": BACKBONE_ALIASES,
+    "layer": LAYER_ALIASES,
     "loss": LOSS_ALIASES,
     "metric": METRIC_ALIASES,
     "optimizer": OPTIMIZER_ALIASES,

@@ -18,14 +18,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from stepstream.kernel import names
+from stepstream.kernel import keras_config, names
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -163,42 +166,145 @@ class RNNModel(_Hidden):
 
 
 # Which options each explicit layer takes; the builder fills the rest with Keras defaults.
+_CONV = frozenset({"filters", "kernel_size", "strides", "padding", "activation"})
+_DEPTHWISE = frozenset({"kernel_size", "strides", "padding", "activation", "depth_multiplier"})
+_POOL = frozenset({"pool_size", "strides", "padding"})
+_RNN = frozenset({"units", "activation", "return_sequences"})
+_NONE: frozenset[str] = frozenset()
 LAYER_OPTIONS: dict[str, frozenset[str]] = {
+    "activation": frozenset({"activation"}),
+    "add": _NONE,
+    "average_pool1d": _POOL,
+    "average_pool2d": _POOL,
     "batch_normalization": frozenset({"momentum", "epsilon"}),
-    "conv2d": frozenset({"filters", "kernel_size", "strides", "padding", "activation"}),
+    "bidirectional": _RNN | {"cell", "merge_mode"},
+    "concatenate": frozenset({"axis"}),
+    "conv1d": _CONV,
+    "conv2d": _CONV,
+    "conv2d_transpose": _CONV,
     "dense": frozenset({"units", "activation"}),
+    "depthwise_conv1d": _DEPTHWISE,
+    "depthwise_conv2d": _DEPTHWISE,
     "dropout": frozenset({"rate"}),
-    "embedding": frozenset({"output_dim"}),
-    "flatten": frozenset(),
-    "gru": frozenset({"units", "activation", "return_sequences"}),
-    "lstm": frozenset({"units", "activation", "return_sequences"}),
-    "max_pool2d": frozenset({"pool_size", "strides", "padding"}),
-    "simple_rnn": frozenset({"units", "activation", "return_sequences"}),
+    "embedding": frozenset({"output_dim", "positional"}),
+    "flatten": _NONE,
+    "global_average_pool1d": _NONE,
+    "global_average_pool2d": _NONE,
+    "global_max_pool1d": _NONE,
+    "global_max_pool2d": _NONE,
+    "group_normalization": frozenset({"groups", "epsilon"}),
+    "gru": _RNN,
+    "layer_normalization": frozenset({"epsilon"}),
+    "lstm": _RNN,
+    "max_pool1d": _POOL,
+    "max_pool2d": _POOL,
+    "multi_head_attention": frozenset({"num_heads", "key_dim", "dropout"}),
+    "multiply": _NONE,
+    "position_embedding": _NONE,
+    "random_contrast": frozenset({"factor"}),
+    "random_crop": frozenset({"height", "width"}),
+    "random_flip": frozenset({"mode"}),
+    "random_rotation": frozenset({"factor"}),
+    "random_zoom": frozenset({"factor"}),
+    "rescaling": frozenset({"scale", "offset"}),
+    "reshape": frozenset({"target_shape"}),
+    "separable_conv1d": _CONV | {"depth_multiplier"},
+    "separable_conv2d": _CONV | {"depth_multiplier"},
+    "simple_rnn": _RNN,
+    "upsampling1d": frozenset({"size"}),
+    "upsampling2d": frozenset({"size", "interpolation"}),
 }
 _LAYER_REQUIRED = {
+    "activation": ("activation",),
+    "bidirectional": ("units",),
+    "conv1d": ("filters",),
     "conv2d": ("filters",),
+    "conv2d_transpose": ("filters",),
     "dense": ("units",),
     "dropout": ("rate",),
     "gru": ("units",),
     "lstm": ("units",),
+    "multi_head_attention": ("num_heads", "key_dim"),
+    "random_contrast": ("factor",),
+    "random_crop": ("height", "width"),
+    "random_rotation": ("factor",),
+    "random_zoom": ("factor",),
+    "rescaling": ("scale",),
+    "reshape": ("target_shape",),
+    "separable_conv1d": ("filters",),
+    "separable_conv2d": ("filters",),
     "simple_rnn": ("units",),
 }
+# The name `inputs` gives the model's own input; a layer may not take it.
+MODEL_INPUT = "input"
+_LAYER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
 
 
 class LayerSpec(_Spec):
+    """One layer: its type, its options, and (in the graph form) its name and inputs."""
+
     type: str
+    name: str | None = Field(None, description="Lets later layers list this one in inputs.")
+    inputs: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Earlier layers' names (or 'input', the model's input) this layer reads; "
+        "the layer before it when unset. add, concatenate and multiply take two or more; "
+        "multi_head_attention takes query, value and optionally key (one input attends to "
+        "itself).",
+    )
     units: PositiveInt | None = None
     filters: PositiveInt | None = None
     kernel_size: PositiveInt | None = None
     strides: PositiveInt | None = None
     pool_size: PositiveInt | None = None
-    padding: Literal["valid", "same"] | None = None
+    padding: Literal["valid", "same", "causal"] | None = Field(
+        None, description="valid (the default) or same; causal for conv1d."
+    )
     activation: str | None = None
     rate: Fraction | None = None
     output_dim: PositiveInt | None = None
-    return_sequences: bool | None = None
+    positional: bool | None = Field(
+        None, description="embedding: add a learned vector per position (a transformer's input)."
+    )
+    return_sequences: bool | None = Field(
+        None, description="Recurrent layers: by default when a layer that reads sequences follows."
+    )
+    cell: Literal["lstm", "gru", "simple_rnn"] | None = Field(
+        None, description="bidirectional: the recurrent layer run both ways (lstm by default)."
+    )
+    merge_mode: Literal["concat", "sum", "mul", "ave"] | None = None
     momentum: Fraction | None = None
     epsilon: Annotated[float, Field(gt=0)] | None = None
+    depth_multiplier: PositiveInt | None = None
+    axis: int | None = Field(
+        None, description="concatenate: the axis joined (the last by default)."
+    )
+    groups: PositiveInt | None = Field(
+        None, description="group_normalization: groups of channels (32 by default)."
+    )
+    num_heads: PositiveInt | None = None
+    key_dim: PositiveInt | None = None
+    dropout: Fraction | None = Field(None, description="multi_head_attention: on the weights.")
+    target_shape: list[Annotated[int, Field(ge=-1)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=4,
+        description="reshape: one example's new shape; one -1 takes what is left.",
+    )
+    size: PositiveInt | None = Field(None, description="upsampling: the factor (2 by default).")
+    interpolation: Literal["nearest", "bilinear"] | None = None
+    scale: float | None = None
+    offset: float | None = None
+    factor: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None,
+        description="random_rotation (a fraction of a full turn), random_zoom, random_contrast: "
+        "how far each example may be changed either way.",
+    )
+    mode: Literal["horizontal", "vertical", "horizontal_and_vertical"] | None = None
+    height: PositiveInt | None = None
+    width: PositiveInt | None = None
 
     @field_validator("type", mode="before")
     @classmethod
@@ -210,30 +316,328 @@ class LayerSpec(_Spec):
     def _activation(cls, v: Any) -> Any:
         return None if v is None else _name("activation", v)
 
+    @field_validator("cell", mode="before")
+    @classmethod
+    def _cell(cls, v: Any) -> Any:
+        return None if v is None else str(v).lower().replace("-", "_")
+
+    @field_validator("name")
+    @classmethod
+    def _layer_name(cls, v: str | None) -> str | None:
+        if v is not None and not _LAYER_NAME.match(v):
+            raise ValueError("use 1-63 letters, digits, '_', '.', '-', starting with a letter or _")
+        if v == MODEL_INPUT:
+            raise ValueError(f"{MODEL_INPUT!r} names the model's input; choose another name")
+        return v
+
     @model_validator(mode="after")
     def _options(self) -> LayerSpec:
-        _only_options(self, LAYER_OPTIONS[self.type] | {"type"}, f"layer {self.type}")
+        allowed = LAYER_OPTIONS[self.type] | {"type", "name", "inputs"}
+        _only_options(self, allowed, f"layer {self.type}")
         for required in _LAYER_REQUIRED.get(self.type, ()):
             if getattr(self, required) is None:
                 raise _conflict(required, f"layer {self.type} needs {required}")
+        if self.padding == "causal" and self.type != "conv1d":
+            raise _conflict(
+                "padding", f"causal padding is for conv1d; {self.type} takes valid, same"
+            )
+        if self.target_shape is not None:
+            if 0 in self.target_shape:
+                raise _conflict("target_shape", "sizes are 1 or more, or -1 once")
+            if self.target_shape.count(-1) > 1:
+                raise _conflict("target_shape", "at most one size may be -1")
+        if self.axis == 0:
+            raise _conflict("axis", "axis 0 is the batch; join along 1 or more, or -1")
         return self
 
 
+# Layers that read a sequence (steps, features), and those that keep their input's shape apart
+# from its last axis: a recurrent layer returns its sequence when one of the first follows it,
+# directly or through the second.
+_READS_SEQUENCES = frozenset(
+    {
+        *names.RNN_CELLS,
+        "average_pool1d",
+        "bidirectional",
+        "conv1d",
+        "depthwise_conv1d",
+        "global_average_pool1d",
+        "global_max_pool1d",
+        "max_pool1d",
+        "multi_head_attention",
+        "position_embedding",
+        "separable_conv1d",
+        "upsampling1d",
+    }
+)
+_KEEPS_SHAPE = frozenset(
+    {
+        *names.MERGE_LAYERS,
+        "activation",
+        "batch_normalization",
+        "dense",
+        "dropout",
+        "group_normalization",
+        "layer_normalization",
+        "rescaling",
+    }
+)
+
+
 class LayersModel(_Head):
-    """An explicit stack of hidden layers; the output layer is added to fit the data and loss."""
+    """Hidden layers, as a stack or as a graph; the output layer is added to fit the data and
+    loss. A layer reads the layer before it unless it lists `inputs` (earlier layers' names,
+    or "input"); the last layer, or the one `output` names, feeds the output layer."""
 
     architecture: Literal["layers"] = "layers"
     layers: list[LayerSpec] = Field(min_length=1)
     activation: str = Field("relu", description="For dense/conv layers that name none.")
+    output: str | None = Field(
+        None, description="The layer whose output feeds the output layer; the last one by default."
+    )
 
     @field_validator("activation", mode="before")
     @classmethod
     def _default_activation(cls, v: Any) -> str:
         return _name("activation", v)
 
+    @model_validator(mode="after")
+    def _graph(self) -> LayersModel:
+        # Dangling layers are looked for once the graph's names resolve.
+        problems = list(self._graph_problems()) or list(self._unread())
+        if problems:
+            raise PydanticCustomError(
+                "spec_conflicts", "{summary}", {"summary": problems[0][1], "all": problems}
+            )
+        return self
+
+    def _graph_problems(self):
+        named: dict[str, int] = {}
+        for i, layer in enumerate(self.layers):
+            if layer.name is None:
+                continue
+            if layer.name in named:
+                yield f"layers.{i}.name", f"{layer.name!r} already names layers.{named[layer.name]}"
+            else:
+                named[layer.name] = i
+        for i, layer in enumerate(self.layers):
+            field = f"layers.{i}.inputs"
+            for ref in layer.inputs or ():
+                j = named.get(ref)
+                if ref == MODEL_INPUT or (j is not None and j < i):
+                    continue
+                if j == i:
+                    yield (
+                        field,
+                        f"{_shown(ref)!r} is this layer; a layer cannot read its own output",
+                    )
+                elif j is not None:
+                    yield (
+                        field,
+                        (
+                            f"{_shown(ref)!r} is layers.{j}, after this one; a layer reads "
+                            "only earlier layers (or input)"
+                        ),
+                    )
+                else:
+                    earlier = [n for n, k in named.items() if k < i][:20]
+                    yield (
+                        field,
+                        (
+                            f"no earlier layer is named {_shown(ref)!r}; it may read "
+                            f"{', '.join([MODEL_INPUT, *earlier])}"
+                        ),
+                    )
+            count = len(layer.inputs) if layer.inputs else 1
+            if layer.type in names.MERGE_LAYERS and count < 2:
+                yield field, f"{layer.type} merges two or more inputs; list them in inputs"
+            elif layer.type == "multi_head_attention" and count > 3:
+                yield (
+                    field,
+                    (
+                        "multi_head_attention reads query, value and optionally key: 1 to 3 inputs "
+                        "(one attends to itself)"
+                    ),
+                )
+            elif layer.type not in (*names.MERGE_LAYERS, "multi_head_attention") and count > 1:
+                yield (
+                    field,
+                    (
+                        f"{layer.type} reads one input; merge them first with add, concatenate or "
+                        "multiply"
+                    ),
+                )
+        if self.output is not None and self.output not in named:
+            listed = ", ".join(list(named)[:20]) or "no layer has a name"
+            yield "output", f"no layer is named {_shown(self.output)!r}; named layers: {listed}"
+
+    def _unread(self):
+        """Layers whose output nothing reads: a branch left dangling is most likely a mistake."""
+        read = {self.output_index}
+        for sources in self.sources():
+            read.update(sources)
+        for i in range(len(self.layers)):
+            if i not in read:
+                yield (
+                    f"layers.{i}",
+                    (
+                        "nothing reads this layer's output; name it in a later layer's inputs (or "
+                        "in output), or remove it"
+                    ),
+                )
+
+    def sources(self) -> list[list[int]]:
+        """Each layer's inputs as indices into `layers`; -1 is the model's input."""
+        index: dict[str, int] = {}
+        out: list[list[int]] = []
+        for i, layer in enumerate(self.layers):
+            if layer.inputs:
+                out.append([-1 if n == MODEL_INPUT else index[n] for n in layer.inputs])
+            else:
+                out.append([i - 1])
+            if layer.name is not None:
+                index.setdefault(layer.name, i)
+        return out
+
+    @property
+    def output_index(self) -> int:
+        """The layer that feeds the output layer."""
+        if self.output is None:
+            return len(self.layers) - 1
+        return next(i for i, layer in enumerate(self.layers) if layer.name == self.output)
+
+    def returns_sequences(self) -> list[bool]:
+        """For each layer: whether it returns sequences, if it is a recurrent layer. By
+        default when a layer that reads sequences takes its output, directly or through
+        layers that keep the shape (dropout, normalization, dense, merges)."""
+        readers: list[list[int]] = [[] for _ in self.layers]
+        for j, sources in enumerate(self.sources()):
+            for i in sources:
+                if i >= 0:
+                    readers[i].append(j)
+        wants = [False] * len(self.layers)
+        for i in reversed(range(len(self.layers))):
+            wants[i] = any(
+                self.layers[j].type in _READS_SEQUENCES
+                or (self.layers[j].type in _KEEPS_SHAPE and wants[j])
+                for j in readers[i]
+            )
+        return [
+            wants[i] if layer.return_sequences is None else layer.return_sequences
+            for i, layer in enumerate(self.layers)
+        ]
+
+
+class KerasModel(_Spec):
+    """A Keras model config (`model.to_json()`; see `JobSpec.from_keras`), built-in layers
+    only. Its own outputs are the model's outputs: nothing is appended, so its last layer must
+    fit the data (units) and the loss (activation); both are checked."""
+
+    architecture: Literal["keras"] = "keras"
+    config: dict[str, Any] = Field(
+        description="The model's config, as model.to_json() writes it (a mapping or JSON text); "
+        "compile_config is ignored: the loss and optimizer are the spec's.",
+        # Said here so every pydantic the client supports writes the same schema.
+        json_schema_extra={"additionalProperties": True},
+    )
+    _graph: keras_config.Graph | None = PrivateAttr(None)
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _read(cls, v: Any) -> Any:
+        # Only a mapping or JSON text: a path would read a file wherever the spec is parsed.
+        if isinstance(v, str) and v.lstrip().startswith("{"):
+            try:
+                v = keras_config.read(v)
+            except keras_config.ConfigRefused as exc:
+                raise _conflict("", str(exc)) from None
+        if isinstance(v, Mapping):
+            return {k: val for k, val in v.items() if k != "compile_config"}
+        return v
+
+    @model_validator(mode="after")
+    def _checked(self) -> KerasModel:
+        try:
+            graph = keras_config.check(self.config)
+        except keras_config.ConfigRefused as exc:
+            raise _conflict("config", str(exc)) from None
+        for what, found in (("input", [n for n, _, _ in graph.inputs]), ("output", graph.outputs)):
+            if not found:
+                raise _conflict("config", f"the model has no {what}")
+        self._graph = graph
+        return self
+
+    @property
+    def graph(self) -> keras_config.Graph:
+        assert self._graph is not None
+        return self._graph
+
+    @property
+    def output_activation(self) -> str | None:
+        return self.graph.output_activation()
+
+    @property
+    def input_names(self) -> list[str]:
+        return [n for n, _, _ in self.graph.inputs]
+
+    @property
+    def several(self) -> bool:
+        """Several inputs or outputs: fed from an npz's named arrays (NAMED_ARRAYS)."""
+        return len(self.graph.inputs) > 1 or len(self.graph.outputs) > 1
+
+
+# How an npz names the array for each input and output of a config with several: the split's
+# array name, a colon, the layer's name (np.savez(f, **{"x_train:image": ...})).
+NAMED_ARRAYS = "x_train:<input name> and y_train:<output name> (x_test:/y_test: optional)"
+
+_WEIGHTS_FILES = (".weights.h5", ".h5")
+
+
+class BackboneModel(_Head):
+    """A keras.applications model without its top, on images, then global pooling and an
+    output layer fitted to the data and loss."""
+
+    architecture: Literal["backbone"] = "backbone"
+    name: str = Field(description="The keras.applications model: " + ", ".join(names.BACKBONES))
+    weights: str = Field(
+        "none",
+        max_length=MAX_PATH_CHARS,
+        description="none (randomly initialised), or the path UploadDataset gave a "
+        ".weights.h5 file of this backbone without its top.",
+    )
+    trainable: bool = Field(True, description="false: train only the output layer.")
+    pooling: Literal["avg", "max"] = "avg"
+    dropout: Fraction = 0.0
+    input_size: Annotated[int, Field(ge=32, le=1024)] | None = Field(
+        None,
+        description="Resize images to this square side first (for images under the "
+        "backbone's smallest size, 32).",
+    )
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _backbone(cls, v: Any) -> str:
+        return _name("backbone", v)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        if v.lower() == "none":
+            return "none"
+        given = Path(v)
+        if not v.isprintable() or given.is_absolute() or ".." in given.parts:
+            raise ValueError("none, or a relative upload path (no '..', no control characters)")
+        if not v.endswith(_WEIGHTS_FILES):
+            raise ValueError(f"a weights file ends in .weights.h5 or .h5; got {_shown(v)}")
+        return v
+
+    @property
+    def info(self) -> names.BackboneInfo:
+        return names.BACKBONES[self.name]
+
 
 ModelSpec = Annotated[
-    LinearModel | MLPModel | CNNModel | RNNModel | LayersModel,
+    LinearModel | MLPModel | CNNModel | RNNModel | LayersModel | KerasModel | BackboneModel,
     Field(discriminator="architecture"),
 ]
 
@@ -372,10 +776,68 @@ class OptimizerSpec(_Spec):
 # ---------------------------------------------------------------- data
 
 
+_COLUMN = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class FeatureSpec(_Spec):
+    """One feature of a TFRecord file's tf.train.Example records."""
+
+    dtype: Literal["float32", "int64"] = "float32"
+    shape: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(
+        default_factory=list, max_length=4
+    )
+
+
 class DatasetSpec(_Spec):
     name: str = "fashion_mnist"
     path: str | None = Field(
-        None, description="The .npz file for dataset npz.", max_length=MAX_PATH_CHARS
+        None,
+        description="The data for a file dataset: an upload's path (uploads/NAME.csv), a glob of "
+        "shards (uploads/part-*.parquet) or, on a server without tenants, any fsspec URL; a "
+        "folder or .tar archive for image_folder.",
+        max_length=MAX_PATH_CHARS,
+    )
+    validation_path: str | None = Field(
+        None,
+        description="Validation data in the same format (else validation_split).",
+        max_length=MAX_PATH_CHARS,
+    )
+    test_path: str | None = Field(
+        None,
+        description="Test data in the same format, evaluated at the end.",
+        max_length=MAX_PATH_CHARS,
+    )
+    features: list[_COLUMN] | None = Field(
+        None,
+        description="Input columns, in order; every column but the label when unset.",
+        min_length=1,
+        max_length=10_000,
+    )
+    label: _COLUMN | None = Field(None, description="The label column; the last one when unset.")
+    categorical: list[_COLUMN] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description="Columns of categories (strings or integers), one-hot encoded with a "
+        "vocabulary learned from the training data.",
+    )
+    column_names: list[_COLUMN] | None = Field(
+        None,
+        max_length=10_000,
+        description="CSV: names for the columns, replacing the file's first line.",
+    )
+    # Keys are checked in _feature_names: a constrained key type gives each pydantic its own schema.
+    feature_spec: dict[str, FeatureSpec] | None = Field(
+        None,
+        max_length=10_000,
+        description="TFRecord: each feature of the tf.train.Example records, label included.",
+    )
+    shuffle_buffer: Annotated[int, Field(ge=1, le=10_000_000)] | None = Field(
+        None, description="Examples shuffled together when streamed (10000 when unset)."
+    )
+    stream: bool | None = Field(
+        None,
+        description="Read the files batch by batch while training; by default only when "
+        "they would not fit in the worker's memory.",
     )
     num_samples: Annotated[int, Field(ge=10, le=10_000_000)] | None = None
     noise: Annotated[float, Field(ge=0)] | None = None
@@ -399,17 +861,70 @@ class DatasetSpec(_Spec):
     def _dataset_name(cls, v: Any) -> str:
         return _name("dataset", v)
 
+    @field_validator("feature_spec")
+    @classmethod
+    def _feature_names(cls, v: dict[str, FeatureSpec] | None) -> Any:
+        for key in v or {}:
+            if not 1 <= len(key) <= 200:
+                raise _conflict(_shown(key), "a feature name is 1-200 characters")
+        return v
+
     @model_validator(mode="after")
     def _options(self) -> DatasetSpec:
         common = {"validation_split", "evaluate_on_test", "normalize", "flatten", "one_hot"}
-        if self.name == "npz":
+        if self.name in ("npz", "csv", "parquet", "tfrecord"):
             common.add("task")
+        if self.name == "csv":
+            common.add("column_names")
+        if not self.categorical:
+            # No categorical columns is the default; to_dict() writes it as [] all the same.
+            self.model_fields_set.discard("categorical")
         _only_options(self, self.info.options | common, f"dataset {self.name}")
-        if self.name == "npz" and not self.path:
-            raise _conflict("path", "dataset npz needs path: the .npz file to load")
-        if self.path is not None and not self.path.isprintable():
-            raise _conflict("path", "no control characters (NUL, newline, ...) in a path")
+        if self.name in names.FILE_DATASETS and not self.path:
+            raise _conflict("path", f"dataset {self.name} needs path: the data to load")
+        for field in ("path", "validation_path", "test_path"):
+            value = getattr(self, field)
+            if value is not None and not value.isprintable():
+                raise _conflict(field, "no control characters (NUL, newline, ...) in a path")
+        self._columns()
         return self
+
+    def _columns(self) -> None:
+        """The columns named must agree with each other; the file is checked when it is read."""
+        if self.name == "tfrecord":
+            if not self.feature_spec:
+                raise _conflict(
+                    "feature_spec",
+                    "dataset tfrecord needs feature_spec: each "
+                    "feature's dtype and shape, the label's included",
+                )
+            label = self.label or list(self.feature_spec)[-1]
+            if label not in self.feature_spec:
+                raise _conflict("label", f"{_shown(label)} is not in feature_spec")
+            for column in self.features or ():
+                if column not in self.feature_spec:
+                    raise _conflict("features", f"{_shown(column)} is not in feature_spec")
+        if self.features is not None:
+            if len(set(self.features)) != len(self.features):
+                raise _conflict("features", "a column is listed twice")
+            if self.label is not None and self.label in self.features:
+                raise _conflict("features", f"the label {_shown(self.label)} cannot be a feature")
+            for column in self.categorical:
+                if column not in self.features:
+                    raise _conflict("categorical", f"{_shown(column)} is not one of features")
+        if self.label is not None and self.label in self.categorical:
+            raise _conflict("categorical", "the label is encoded as classes already; remove it")
+        if self.column_names is not None and len(set(self.column_names)) != len(self.column_names):
+            raise _conflict("column_names", "a name is listed twice")
+
+    @model_serializer(mode="wrap")
+    def _without_empty_categorical(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # An empty list is the default: a spec that names no categorical columns is written
+        # without the field, as every other unset option is.
+        out = handler(self)
+        if isinstance(out, dict) and not out.get("categorical", True):
+            del out["categorical"]
+        return out
 
     @property
     def info(self) -> names.DatasetInfo:
@@ -525,6 +1040,10 @@ class RuntimeSpec(_Spec):
 
 # ---------------------------------------------------------------- the job
 
+# What a trained model can be exported to besides .keras (see stepstream_service.engine.export).
+EXPORT_FORMATS = ("onnx", "saved_model", "tflite")
+ExportFormat = Literal["onnx", "saved_model", "tflite"]
+
 _OUTPUT_ACTIVATION = {"sparse": "softmax", "one_hot": "softmax", "binary": "sigmoid"}
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # Labels are kept with the job and sent with every answer about it, so their count and sizes
@@ -551,6 +1070,21 @@ class JobSpec(_Spec):
     dataset: DatasetSpec = Field(default_factory=DatasetSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    export: list[ExportFormat] = Field(
+        default_factory=list,
+        description="Formats to export the trained model to, besides .keras, once the job has "
+        "succeeded: saved_model (TF Serving), onnx, tflite. Any of them can also be converted "
+        "on download.",
+    )
+
+    @field_validator("export", mode="before")
+    @classmethod
+    def _export_formats(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]  # `export: onnx`
+        if isinstance(v, list):  # each once, in the order given
+            v = list(dict.fromkeys(f.lower() if isinstance(f, str) else f for f in v))
+        return v
 
     @field_validator("name")
     @classmethod
@@ -694,6 +1228,18 @@ class JobSpec(_Spec):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
+    @classmethod
+    def from_keras(cls, model: Any, **fields: Any) -> JobSpec:
+        """A job training `model`: a `keras.Model` (its `to_json()`, so no TensorFlow is
+        imported here), its config as a mapping or JSON text, or a .json/.keras file. Every
+        other field (loss, optimizer, dataset, training, ...) as in a spec; the model's
+        weights are not sent."""
+        try:
+            config = keras_config.read(model)
+        except keras_config.ConfigRefused as exc:
+            raise SpecError([Problem("model.config", str(exc))]) from None
+        return cls.parse({**fields, "model": {"architecture": "keras", "config": config}})
+
 
 def load_spec(source: str | Path | Mapping[str, Any] | JobSpec) -> JobSpec:
     """A JobSpec from a YAML/JSON file path, a mapping, or a JobSpec."""
@@ -750,7 +1296,7 @@ def _widths(model: Any) -> list[tuple[str, int]]:
         for i, width in enumerate(getattr(model, name, None) or []):
             out.append((f"{name}.{i}", width))
     for i, layer in enumerate(getattr(model, "layers", None) or []):
-        for name in ("units", "filters", "output_dim"):
+        for name in ("units", "filters", "output_dim", "key_dim"):
             if getattr(layer, name, None):
                 out.append((f"layers.{i}.{name}", getattr(layer, name)))
     return out
@@ -820,8 +1366,6 @@ def _conflicts(spec: JobSpec):
             ),
         )
 
-    image_layers = {"conv2d", "max_pool2d"}
-    rnn_layers = set(names.RNN_CELLS)
     if model.architecture == "cnn" and kind not in ("image", None):
         yield (
             "model.architecture",
@@ -841,22 +1385,8 @@ def _conflicts(spec: JobSpec):
     if model.architecture in ("cnn", "rnn") and data.flatten:
         yield "dataset.flatten", f"{model.architecture} reads unflattened inputs; remove flatten"
     if model.architecture == "layers":
-        flat = False
-        for i, layer in enumerate(model.layers):
-            where = f"model.layers.{i}.type"
-            if layer.type in image_layers and (kind not in ("image", None) or flat):
-                yield where, f"{layer.type} needs image-shaped input (height, width, channels)"
-            if layer.type in rnn_layers and kind == "tabular":
-                yield where, f"{layer.type} needs sequence input; dataset {data.name} is tabular"
-            if layer.type == "embedding" and (i != 0 or not (data.tokens or kind is None)):
-                yield (
-                    where,
-                    (
-                        "embedding must be the first layer and needs token ids (synthetic_sequence "
-                        "with vocab_size)"
-                    ),
-                )
-            flat = flat or layer.type in ("flatten", "dense")
+        yield from _layer_conflicts(spec)
+    yield from _whole_model_conflicts(spec)
 
     for i, metric in enumerate(spec.metrics or []):
         need = names.METRICS[metric]
@@ -894,7 +1424,9 @@ def _conflicts(spec: JobSpec):
                 f"training.{field}.{sub}",
                 (f"{monitored!r} is not reported; valid: {', '.join(sorted(spec.monitorable))}"),
             )
-    if evaluates and not (data.validation_split > 0 or data.evaluate_on_test):
+    if evaluates and not (
+        data.validation_split > 0 or data.validation_path or data.evaluate_on_test
+    ):
         yield (
             "training.eval_every",
             ("nothing to evaluate on; set dataset.validation_split or evaluate_on_test: true"),
@@ -910,3 +1442,150 @@ def _conflicts(spec: JobSpec):
         )
     if spec.runtime.precision == "mixed_float16" and spec.runtime.device == "cpu":
         yield "runtime.precision", "mixed_float16 needs a GPU; on the CPU use mixed_bfloat16"
+
+
+# The rank (axes of one example) each layer needs, from the data alone: the engine finds the
+# sizes that do not fit when it builds the model, and names the layer.
+_READS_IMAGES = frozenset(
+    {
+        "average_pool2d",
+        "conv2d",
+        "conv2d_transpose",
+        "depthwise_conv2d",
+        "global_average_pool2d",
+        "global_max_pool2d",
+        "max_pool2d",
+        "random_contrast",
+        "random_crop",
+        "random_flip",
+        "random_rotation",
+        "random_zoom",
+        "separable_conv2d",
+        "upsampling2d",
+    }
+)
+_FLATTENS = frozenset(
+    {
+        "flatten",
+        "global_average_pool1d",
+        "global_average_pool2d",
+        "global_max_pool1d",
+        "global_max_pool2d",
+    }
+)
+_RANKS = {
+    1: "flat (features)",
+    2: "a sequence (steps, features)",
+    3: "an image (height, width, channels)",
+}
+_TOKENS = -1  # the rank given to token ids: one axis of integers that only an embedding reads
+
+
+def _input_rank(data: DatasetSpec) -> int | None:
+    """The rank of one example as the model takes it; None when only the data can tell."""
+    if data.kind == "image":
+        return 1 if data.flatten else 3
+    if data.kind == "sequence":
+        return _TOKENS if data.tokens else 2
+    if data.kind == "tabular" and data.name != "tfrecord":  # a TFRecord feature has any shape
+        return 1
+    return None
+
+
+def _shape_of(rank: int | None) -> str:
+    if rank == _TOKENS:
+        return "token ids (steps); an embedding turns them into a sequence"
+    return _RANKS.get(rank or 0, f"of rank {rank}")
+
+
+def _layer_conflicts(spec: JobSpec):
+    """Yield (field, message) for each layer whose input cannot have the rank it needs."""
+    model, data = spec.model, spec.dataset
+    given = _input_rank(data)
+    sequences = model.returns_sequences()
+    ranks: list[int | None] = []
+    for i, (layer, sources) in enumerate(zip(model.layers, model.sources(), strict=True)):
+        t, where = layer.type, f"model.layers.{i}.type"
+        inputs = [given if j < 0 else ranks[j] for j in sources]
+        known = [r for r in inputs if r is not None]
+        rank = known[0] if known else None
+        if t == "embedding":
+            if sources != [-1] or not (data.tokens or data.kind is None):
+                yield (
+                    where,
+                    (
+                        "embedding must be the first layer (or read input) and needs token ids "
+                        "(synthetic_sequence with vocab_size)"
+                    ),
+                )
+            rank = 2
+        elif t in names.MERGE_LAYERS and len(set(known)) > 1:
+            yield (
+                f"model.layers.{i}.inputs",
+                (
+                    f"{t} needs inputs of one rank; they are "
+                    + ", ".join(_shape_of(r) for r in inputs)
+                ),
+            )
+        elif t in _READS_IMAGES and rank is not None and rank != 3:
+            yield (
+                where,
+                f"{t} needs image-shaped input (height, width, channels); its input is "
+                + (_shape_of(rank)),
+            )
+        elif t in _READS_SEQUENCES and t != "multi_head_attention" and rank not in (None, 2):
+            yield (
+                where,
+                (f"{t} needs sequence input (steps, features); its input is {_shape_of(rank)}"),
+            )
+        elif t == "multi_head_attention" and any(r in (1, _TOKENS) for r in known):
+            yield (
+                where,
+                (
+                    "multi_head_attention needs sequences (steps, features) or images; its "
+                    "input is " + _shape_of(next(r for r in known if r in (1, _TOKENS)))
+                ),
+            )
+        if rank == _TOKENS:
+            rank = 1  # read as numbers, by a layer that takes any shape (dense, reshape...)
+        if t in _FLATTENS:
+            rank = 1
+        elif t in names.RNN_CELLS or t == "bidirectional":
+            rank = 2 if sequences[i] else 1
+        elif t == "reshape" and layer.target_shape is not None:
+            rank = len(layer.target_shape)
+        ranks.append(rank)
+
+
+_FINAL = {"sparse": "softmax", "one_hot": "softmax", "binary": "sigmoid"}
+
+
+def _whole_model_conflicts(spec: JobSpec):
+    """A Keras config's own output activation against the loss; a backbone's data."""
+    assert spec.loss is not None
+    model, loss, data = spec.model, spec.loss, spec.dataset
+    if isinstance(model, KerasModel):
+        if model.several and data.name != "npz":
+            yield (
+                "model.config",
+                f"the model has {len(model.graph.inputs)} inputs and {len(model.graph.outputs)} "
+                f"outputs; dataset {data.name} feeds one input and one label array, so several "
+                f"are fed only from an npz with named arrays: {NAMED_ARRAYS}",
+            )
+        act, want = model.output_activation, _FINAL.get(loss.info.labels)
+        output = _shown(model.graph.outputs[0])
+        if act is not None and want and not loss.logits and act != want:
+            yield (
+                "model.config",
+                f"the output layer {output} ends in {act}, but {loss.name} takes "
+                f"probabilities ({want}); end the model in {want}, or set loss.from_logits: true",
+            )
+    if isinstance(model, BackboneModel):
+        if data.kind not in ("image", None):
+            yield (
+                "model.architecture",
+                f"backbone {model.name} needs images but dataset {data.name} is {data.kind}; use "
+                "mnist, fashion_mnist, synthetic_images or an npz of images",
+            )
+        if data.flatten:
+            yield "dataset.flatten", "a backbone reads unflattened images; remove flatten"

@@ -302,10 +302,20 @@ class JobMetrics(_message.Message):
     def __init__(self, steps: _Optional[_Iterable[int]] = ..., loss: _Optional[_Iterable[float]] = ..., accuracy: _Optional[_Iterable[float]] = ..., mae: _Optional[_Iterable[float]] = ..., learning_rate: _Optional[_Iterable[float]] = ..., evals: _Optional[_Iterable[_Union[EvalEvent, _Mapping]]] = ..., total_points: _Optional[int] = ...) -> None: ...
 
 class DownloadModelRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "format")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    format: str
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+
+class DownloadArtifactsRequest(_message.Message):
+    __slots__ = ("name", "kind")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("data", "offset", "total_size", "filename")
@@ -320,12 +330,42 @@ class DataChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., filename: _Optional[str] = ...) -> None: ...
 
 class UploadDatasetRequest(_message.Message):
-    __slots__ = ("name", "chunk")
+    __slots__ = ("name", "chunk", "header")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
     name: str
     chunk: bytes
-    def __init__(self, name: _Optional[str] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    header: UploadHeader
+    def __init__(self, name: _Optional[str] = ..., chunk: _Optional[bytes] = ..., header: _Optional[_Union[UploadHeader, _Mapping]] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("name", "format", "size_bytes", "sha256", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    format: str
+    size_bytes: int
+    sha256: str
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., format: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class GetUploadProgressRequest(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ...) -> None: ...
+
+class UploadProgress(_message.Message):
+    __slots__ = ("received_bytes", "dataset")
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    received_bytes: int
+    dataset: Dataset
+    def __init__(self, received_bytes: _Optional[int] = ..., dataset: _Optional[_Union[Dataset, _Mapping]] = ...) -> None: ...
 
 class Dataset(_message.Message):
     __slots__ = ("name", "path", "size_bytes", "sha256")
@@ -344,7 +384,7 @@ class ListCapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("architectures", "layers", "activations", "losses", "optimizers", "metrics", "datasets", "schedules", "aliases")
+    __slots__ = ("architectures", "layers", "activations", "losses", "optimizers", "metrics", "datasets", "schedules", "aliases", "backbones")
     class AliasesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +401,7 @@ class Capabilities(_message.Message):
     DATASETS_FIELD_NUMBER: _ClassVar[int]
     SCHEDULES_FIELD_NUMBER: _ClassVar[int]
     ALIASES_FIELD_NUMBER: _ClassVar[int]
+    BACKBONES_FIELD_NUMBER: _ClassVar[int]
     architectures: _containers.RepeatedScalarFieldContainer[str]
     layers: _containers.RepeatedScalarFieldContainer[str]
     activations: _containers.RepeatedScalarFieldContainer[str]
@@ -370,7 +411,8 @@ class Capabilities(_message.Message):
     datasets: _containers.RepeatedScalarFieldContainer[str]
     schedules: _containers.RepeatedScalarFieldContainer[str]
     aliases: _containers.ScalarMap[str, str]
-    def __init__(self, architectures: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[str]] = ..., activations: _Optional[_Iterable[str]] = ..., losses: _Optional[_Iterable[str]] = ..., optimizers: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ..., datasets: _Optional[_Iterable[str]] = ..., schedules: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    backbones: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, architectures: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[str]] = ..., activations: _Optional[_Iterable[str]] = ..., losses: _Optional[_Iterable[str]] = ..., optimizers: _Optional[_Iterable[str]] = ..., metrics: _Optional[_Iterable[str]] = ..., datasets: _Optional[_Iterable[str]] = ..., schedules: _Optional[_Iterable[str]] = ..., aliases: _Optional[_Mapping[str, str]] = ..., backbones: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetJobSpecSchemaRequest(_message.Message):
     __slots__ = ()

@@ -70,10 +70,20 @@ class TrainerServiceStub(object):
                 request_serializer=stepstream_dot_v1_dot_trainer__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=stepstream_dot_v1_dot_trainer__pb2.DataChunk.FromString,
                 _registered_method=True)
+        self.DownloadArtifacts = channel.unary_stream(
+                '/stepstream.v1.TrainerService/DownloadArtifacts',
+                request_serializer=stepstream_dot_v1_dot_trainer__pb2.DownloadArtifactsRequest.SerializeToString,
+                response_deserializer=stepstream_dot_v1_dot_trainer__pb2.DataChunk.FromString,
+                _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/stepstream.v1.TrainerService/UploadDataset',
                 request_serializer=stepstream_dot_v1_dot_trainer__pb2.UploadDatasetRequest.SerializeToString,
                 response_deserializer=stepstream_dot_v1_dot_trainer__pb2.Dataset.FromString,
+                _registered_method=True)
+        self.GetUploadProgress = channel.unary_unary(
+                '/stepstream.v1.TrainerService/GetUploadProgress',
+                request_serializer=stepstream_dot_v1_dot_trainer__pb2.GetUploadProgressRequest.SerializeToString,
+                response_deserializer=stepstream_dot_v1_dot_trainer__pb2.UploadProgress.FromString,
                 _registered_method=True)
         self.ListCapabilities = channel.unary_unary(
                 '/stepstream.v1.TrainerService/ListCapabilities',
@@ -135,13 +145,34 @@ class TrainerServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def DownloadModel(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The trained model, as .keras or exported (DownloadModelRequest.format). An export the job
+        did not make is converted on the first download and kept; a model that cannot be converted
+        is FAILED_PRECONDITION, saying why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadArtifacts(self, request, context):
+        """Files a job wrote besides its model, as one tar: kind "tensorboard" is its TensorBoard
+        event files (a run folder for `tensorboard --logdir`), whatever the job's state.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UploadDataset(self, request_iterator, context):
         """The first message carries the name; the rest carry bytes of an .npz file.
+        Or the first message carries an UploadHeader: the file's format, size and sha256, and the
+        offset the chunks start at, so an interrupted upload continues where it stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUploadProgress(self, request, context):
+        """How much of an upload (by name, size and sha256) the server already holds: resume from
+        there. A file it holds whole answers with its Dataset.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -201,10 +232,20 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     request_deserializer=stepstream_dot_v1_dot_trainer__pb2.DownloadModelRequest.FromString,
                     response_serializer=stepstream_dot_v1_dot_trainer__pb2.DataChunk.SerializeToString,
             ),
+            'DownloadArtifacts': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadArtifacts,
+                    request_deserializer=stepstream_dot_v1_dot_trainer__pb2.DownloadArtifactsRequest.FromString,
+                    response_serializer=stepstream_dot_v1_dot_trainer__pb2.DataChunk.SerializeToString,
+            ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
                     request_deserializer=stepstream_dot_v1_dot_trainer__pb2.UploadDatasetRequest.FromString,
                     response_serializer=stepstream_dot_v1_dot_trainer__pb2.Dataset.SerializeToString,
+            ),
+            'GetUploadProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUploadProgress,
+                    request_deserializer=stepstream_dot_v1_dot_trainer__pb2.GetUploadProgressRequest.FromString,
+                    response_serializer=stepstream_dot_v1_dot_trainer__pb2.UploadProgress.SerializeToString,
             ),
             'ListCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCapabilities,
@@ -418,6 +459,33 @@ class TrainerService(object):
             _registered_method=True)
 
     @staticmethod
+    def DownloadArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stepstream.v1.TrainerService/DownloadArtifacts',
+            stepstream_dot_v1_dot_trainer__pb2.DownloadArtifactsRequest.SerializeToString,
+            stepstream_dot_v1_dot_trainer__pb2.DataChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def UploadDataset(request_iterator,
             target,
             options=(),
@@ -434,6 +502,33 @@ class TrainerService(object):
             '/stepstream.v1.TrainerService/UploadDataset',
             stepstream_dot_v1_dot_trainer__pb2.UploadDatasetRequest.SerializeToString,
             stepstream_dot_v1_dot_trainer__pb2.Dataset.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUploadProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepstream.v1.TrainerService/GetUploadProgress',
+            stepstream_dot_v1_dot_trainer__pb2.GetUploadProgressRequest.SerializeToString,
+            stepstream_dot_v1_dot_trainer__pb2.UploadProgress.FromString,
             options,
             channel_credentials,
             insecure,

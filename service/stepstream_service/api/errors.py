@@ -59,12 +59,20 @@ class Unavailable(TrainerError):
     reason = "unavailable"
 
 
+class FailedPrecondition(TrainerError):
+    """The request is sound but the job cannot answer it as it is (a model that cannot be
+    exported to the format asked)."""
+
+    reason = "failed_precondition"
+
+
 ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (JobNotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (JobFinished, grpc.StatusCode.FAILED_PRECONDITION),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (JobTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),

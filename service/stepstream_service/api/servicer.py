@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ from stepstream_service.api.convert import (
     spec_hash,
     spec_of,
 )
+from stepstream_service.api.downloads import Downloads, chunks
 from stepstream_service.api.errors import (
     InvalidArgument,
     ResourceExhausted,
@@ -48,11 +50,11 @@ from stepstream_service.api.watch import (
     until_tick,
 )
 from stepstream_service.config import Settings
-from stepstream_service.engine import footprint
+from stepstream_service.engine import config_footprint, footprint, uploads
 from stepstream_service.errors import DatasetInvalid, JobTooLarge, TrainerError
 from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.tail import EventTail
-from stepstream_service.store import Job, JobFinished, NewJob, Store, WorkerInfo, quota
+from stepstream_service.store import Job, NewJob, Store, WorkerInfo, quota
 from stepstream_service.store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -79,11 +81,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ):
         self.settings, self.store, self.tail, self.metrics = settings, store, tail, metrics
         self.artifacts = artifacts
+        self.downloads = Downloads(artifacts, settings.export_seconds)
         self.auth = auth or Auth(None)
         s = settings
         self.limits = SpecLimits(s.max_steps, s.max_epochs, s.max_layers, s.max_units)
         self.watching: dict[str | None, int] = {}
         self.watching_lock = threading.Lock()
+        self._upload_lock = threading.Lock()
+        self._uploading: set[Path] = set()  # resumable uploads with a stream writing them now
         self.protos = ProtoCache()
         self.schema = schema_text()
         self.draining = False
@@ -102,12 +107,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             spec = spec_of(request.spec_json, self.limits, self.settings.max_spec_bytes)
         except (SpecError, InvalidArgument) as exc:
             spec, refused = None, exc
-        if spec is not None and tenant is not None and spec.dataset.name == "npz":
+        if spec is not None and tenant is not None and spec.dataset.name in names.FILE_DATASETS:
             mine = f"uploads/{tenant}/"
-            path = spec.dataset.path or ""
-            if not path.startswith(mine) or ".." in path:
-                where = f"must be one of your uploads, {mine}NAME.npz as UploadDataset named it"
-                bad.append(("spec.dataset.path", where))
+            for field in ("path", "validation_path", "test_path"):
+                path = getattr(spec.dataset, field)
+                if path is not None and (not path.startswith(mine) or ".." in path):
+                    where = f"must be one of your uploads, {mine}NAME.EXT as uploaded"
+                    bad.append((f"spec.dataset.{field}", where))
         if request.priority and not -1000 <= request.priority <= 1000:
             bad.append(("priority", "must be between -1000 and 1000"))
         if len(request.request_id) > 128 or not request.request_id.isprintable():
@@ -122,6 +128,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             raise InvalidArgument.each(bad)
         assert spec is not None
         self._check_dataset(spec, tenant)
+        self._check_weights(spec, tenant)
         self._check_storage(tenant)
         max_attempts = request.max_attempts or self.settings.max_attempts
         self._check_fits(spec)
@@ -326,20 +333,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def DownloadModel(self, request, context):
         tenant = self.auth.tenant_of(context)
         job = self.store.get_job(job_id_of(request.name), tenant)
-        key = job.model_path
-        if not key or not self.artifacts.exists(key):
-            raise JobFinished(
-                f"job {job.id} has no model to download (state {job.state.value}); "
-                "a model exists once the job has SUCCEEDED"
-            )
+        key, filename = self.downloads.model(job, request.format)
         size = self.artifacts.size(key)
         with self.artifacts.open(key) as f:
-            offset = 0
-            while chunk := f.read(CHUNK):
-                yield pb.DataChunk(
-                    data=chunk, offset=offset, total_size=size, filename=f"{job.name}.keras"
-                )
-                offset += len(chunk)
+            yield from chunks(f, size, filename)
+
+    @handled
+    def DownloadArtifacts(self, request, context):
+        tenant = self.auth.tenant_of(context)
+        job = self.store.get_job(job_id_of(request.name), tenant)
+        f, size, filename = self.downloads.artifacts_tar(job, request.kind)
+        with f:
+            yield from chunks(f, size, filename)
 
     @handled
     def UploadDataset(self, request_iterator, context):
@@ -347,6 +352,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         tenant = self.auth.tenant_of(context)
         self._check_storage(tenant)
         first = next(request_iterator, None)
+        if first is not None and first.WhichOneof("part") == "header":
+            return self._resumed_upload(first.header, request_iterator, tenant)
         if first is None or first.WhichOneof("part") != "name":
             raise InvalidArgument("name", "the first message must carry the dataset's name")
         if not _UPLOAD_NAME.match(first.name):
@@ -378,6 +385,88 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return pb.Dataset(name=first.name, path=key, size_bytes=size, sha256=digest.hexdigest())
 
     @handled
+    def GetUploadProgress(self, request, context):
+        tenant = self.auth.tenant_of(context)
+        h = request.header
+        final, partial, key = self._upload_files(h, tenant)
+        whole = final.is_file() and final.stat().st_size == h.size_bytes
+        if whole and self.artifacts.exists(key) and _sha256(final) == h.sha256:
+            dataset = pb.Dataset(name=h.name, path=key, size_bytes=h.size_bytes, sha256=h.sha256)
+            return pb.UploadProgress(received_bytes=h.size_bytes, dataset=dataset)
+        held = partial.stat().st_size if partial.is_file() else 0
+        return pb.UploadProgress(received_bytes=min(held, h.size_bytes))
+
+    def _upload_files(self, h, tenant: str | None) -> tuple[Path, Path, str]:
+        """(the kept file, the part received so far, the key jobs name it by) of an upload."""
+        if not _UPLOAD_NAME.match(h.name):
+            raise InvalidArgument("header.name", "use letters, digits, '_', '.', '-' (at most 100)")
+        if h.format not in uploads.FORMATS:
+            raise InvalidArgument("header.format", f"one of {', '.join(sorted(uploads.FORMATS))}")
+        if not re.fullmatch(r"[0-9a-f]{64}", h.sha256):
+            raise InvalidArgument("header.sha256", "the file's sha256, 64 lowercase hex digits")
+        limit = self.settings.max_upload_bytes
+        if h.size_bytes > limit:
+            raise ResourceExhausted(
+                f"upload is larger than the limit of {limit} bytes (max_upload_bytes)"
+            )
+        if h.size_bytes <= 0:
+            raise InvalidArgument("header.size_bytes", f"the upload is empty; expected {h.format}")
+        prefix = f"uploads/{tenant}" if tenant is not None else "uploads"
+        folder = self.settings.data_dir / prefix
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{h.name}{uploads.FORMATS[h.format]}"
+        # Kept across broken streams, under what identifies the file: a resume continues it.
+        partial = folder / f".{final.name}.{h.sha256[:16]}.{h.size_bytes}.resumable"
+        return final, partial, f"{prefix}/{final.name}"
+
+    def _resumed_upload(self, h, request_iterator, tenant: str | None):
+        """A resumable upload: chunks appended from h.offset to what is kept of it; checked
+        whole (size, sha256, format) once the last byte is in."""
+        final, partial, key = self._upload_files(h, tenant)
+        with self._upload_lock:
+            if partial in self._uploading:
+                raise InvalidArgument("header", "this file is being uploaded by another stream")
+            self._uploading.add(partial)
+        try:
+            held = partial.stat().st_size if partial.is_file() else 0
+            if h.offset > held or h.offset < 0:
+                raise InvalidArgument(
+                    "header.offset", f"the server holds {held} bytes of this upload; resume there"
+                )
+            with partial.open("r+b" if partial.exists() else "wb") as out:
+                out.truncate(h.offset)
+                out.seek(h.offset)
+                size = h.offset
+                for message in request_iterator:
+                    size += len(message.chunk)
+                    if size > h.size_bytes:
+                        raise InvalidArgument(
+                            "chunk", f"more than header.size_bytes ({h.size_bytes})"
+                        )
+                    out.write(message.chunk)
+            if size < h.size_bytes:
+                raise InvalidArgument(
+                    "chunk", f"received {size} of {h.size_bytes} bytes; resume from {size}"
+                )
+            digest = _sha256(partial)
+            if digest != h.sha256:
+                partial.unlink(missing_ok=True)
+                raise InvalidArgument("header.sha256", f"the bytes received hash to {digest}")
+            try:
+                uploads.check(partial, h.format, self.settings.max_upload_expanded_bytes)
+            except DatasetInvalid as exc:
+                partial.unlink(missing_ok=True)
+                raise InvalidArgument("chunk", f"the upload is refused: {exc}") from None
+            partial.replace(final)
+            self.artifacts.put(final, key)
+            for stale in final.parent.glob(f".{final.name}.*.resumable"):
+                stale.unlink(missing_ok=True)  # other versions of this name, never finished
+        finally:
+            with self._upload_lock:
+                self._uploading.discard(partial)
+        return pb.Dataset(name=h.name, path=key, size_bytes=h.size_bytes, sha256=h.sha256)
+
+    @handled
     def ListCapabilities(self, request, context):
         self.auth.tenant_of(context)
         aliases = {
@@ -396,6 +485,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             datasets=c["dataset"],
             schedules=c["schedule"],
             aliases=aliases,
+            backbones=c["backbone"],
         )
 
     @handled
@@ -408,12 +498,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         (engine.footprint, from the spec and an upload's headers) against each worker's
         registered memory; with none registered yet, against max_job_bytes."""
         local = None
-        if spec.dataset.name == "npz":
+        if spec.dataset.name in names.FILE_DATASETS:  # a file read whole is sized by its rows
             local = footprint.local_npz(self.settings.data_dir, spec.dataset.path)
         arrays = None
-        if local is not None:
+        if local is not None and spec.dataset.name == "npz":
             with contextlib.suppress(TrainerError):  # a bad file: its job fails saying why
                 arrays = footprint.npz_arrays(local)
+        config_footprint.check_job(spec, arrays, local)
         need = footprint.estimate(spec, arrays, local)
         hint = "use a smaller batch, model or dataset"
         within = 3 * self.settings.worker_seen_seconds
@@ -453,33 +544,84 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         except DatasetInvalid as exc:
             raise InvalidArgument("chunk", f"the upload is refused: {exc}") from None
 
-    def _check_dataset(self, spec: JobSpec, tenant: str | None) -> None:
-        """An npz job reads one of its tenant's uploads: a path that names none is refused
-        here, rather than found missing when the job runs."""
-        if spec.dataset.name != "npz":
+    def _check_weights(self, spec: JobSpec, tenant: str | None) -> None:
+        """A backbone's weights file is one of its tenant's uploads, there now."""
+        weights = getattr(spec.model, "weights", "none")
+        if weights == "none":
             return
-        prefix = quota.uploads_prefix(tenant)
-        path = spec.dataset.path or ""
-        folder, _, file = path.rpartition("/")
-        named = folder == prefix and _UPLOAD_NAME.match(file.removesuffix(".npz"))
-        if named and file.endswith(".npz") and self.artifacts.exists(path):
+        folder = weights.rpartition("/")[0]
+        if folder == quota.uploads_prefix(tenant) and self.artifacts.exists(weights):
             return
-        sent = sorted(
-            f"{prefix}/{name}"
-            for name in self.artifacts.files(prefix)
-            if name.endswith(".npz") and not name.startswith(".")
-        )
-        if sent:
-            more = len(sent) - LISTED_UPLOADS
-            listed = ", ".join(sent[:LISTED_UPLOADS]) + (f" and {more} more" if more > 0 else "")
-            where = f"names none of your uploads ({listed})"
-        else:
-            where = "names no upload, and there is none yet"
         raise InvalidArgument(
-            "spec.dataset.path",
-            f"{where}; send the file with UploadDataset (TrainingClient.upload_dataset(NAME, "
-            "FILE)) and use the path it returns",
+            "spec.model.weights",
+            f"names none of your uploads; a weights file is one under "
+            f"{quota.uploads_prefix(tenant)}/, by the path its upload returned",
         )
 
+    def _check_dataset(self, spec: JobSpec, tenant: str | None) -> None:
+        """A file dataset's paths (path, validation_path, test_path) name its tenant's uploads
+        (a glob: at least one of them): one that names none is refused here, rather than found
+        missing when the job runs. A server without tenants may also read URLs."""
+        ds = spec.dataset
+        if ds.name not in names.FILE_DATASETS:
+            return
+        prefix = quota.uploads_prefix(tenant)
+        listing: dict[str, int] | None = None
+        for field in ("path", "validation_path", "test_path"):
+            path = getattr(ds, field) or ("" if field == "path" else None)
+            if path is None or (tenant is None and "://" in path):
+                continue
+            folder, _, file = path.rpartition("/")
+            if folder == prefix and file and not file.startswith("."):
+                if set("*?[") & set(file):
+                    if listing is None:
+                        listing = self.artifacts.files(prefix)
+                    if any(fnmatch.fnmatchcase(n, file) for n in listing):
+                        continue
+                elif self.artifacts.exists(path):
+                    continue
+            if listing is None:
+                listing = self.artifacts.files(prefix)
+            raise InvalidArgument(f"spec.dataset.{field}", _no_upload(prefix, ds.name, listing))
+
     def _check_storage(self, tenant: str | None) -> None:
-        quota.check_quota(self.store, self.artifacts, tenant, self.settings.tenant_storage_bytes)
+        s = self.settings
+        quota.check_quota(self.store, self.artifacts, tenant, s.tenant_storage_bytes, s.data_dir)
+
+
+def _no_upload(prefix: str, dataset: str, listing: dict[str, int]) -> str:
+    """Why a dataset path is refused, listing the tenant's uploads a job of its kind reads."""
+    suffixes = _UPLOAD_SUFFIXES.get(dataset, ())
+    sent = sorted(
+        f"{prefix}/{name}"
+        for name in listing
+        if name.endswith(suffixes) and not name.startswith(".")
+    )
+    if sent:
+        more = len(sent) - LISTED_UPLOADS
+        listed = ", ".join(sent[:LISTED_UPLOADS]) + (f" and {more} more" if more > 0 else "")
+        where = f"names none of your uploads ({listed})"
+    else:
+        where = "names no upload, and there is none yet"
+    return (
+        f"{where}; send the file with `trainer upload FILE` (UploadDataset) and use the path "
+        "it returns"
+    )
+
+
+# The uploads a job of each file dataset reads (a folder of images comes as a .tar).
+_UPLOAD_SUFFIXES = {
+    "npz": (".npz",),
+    "csv": (".csv",),
+    "parquet": (".parquet",),
+    "tfrecord": (".tfrecord",),
+    "image_folder": (".tar",),
+}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

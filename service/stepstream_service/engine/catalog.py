@@ -7,6 +7,7 @@ from typing import Any
 
 from stepstream.kernel import names
 from stepstream_service.engine.datasets import LOADERS
+from stepstream_service.engine.keras_models import BACKBONES
 from stepstream_service.engine.models import ARCHITECTURES
 from stepstream_service.engine.registry import (
     ACTIVATIONS,
@@ -21,6 +22,7 @@ from stepstream_service.engine.registry import (
 REGISTRIES: dict[str, Registry] = {
     "activation": ACTIVATIONS,
     "architecture": ARCHITECTURES,
+    "backbone": BACKBONES,
     "dataset": LOADERS,
     "layer": LAYERS,
     "loss": LOSSES,

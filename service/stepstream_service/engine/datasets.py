@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from stepstream.kernel import names
 from stepstream.kernel.spec import DatasetSpec, JobSpec
+from stepstream_service.engine import streams
 from stepstream_service.engine.registry import Registry
 from stepstream_service.errors import DatasetInvalid, DatasetUnavailable
 
@@ -28,6 +30,9 @@ class DataPaths:
     keras_home: Path = Path.home() / ".keras"
     system_dir: Path = Path("/usr/share/datasets")
     download: bool = True
+    # Whether a file dataset's path may be a URL (s3://, gs://, https://, file://): read with
+    # the server's credentials, so not where tenants share it.
+    urls: bool = True
     # The worker's uploads folder: an npz path is then a key under data_dir that must stay in
     # it, symlinks followed, so a tenant's path reaches no other file on the server.
     uploads: Path | None = None
@@ -45,6 +50,9 @@ class Arrays:
     task: str  # classification | regression
     num_classes: int | None
     source: str
+    # A validation split of its own (a file dataset's validation_path), else validation_split.
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,33 @@ class Data:
     tokens: bool
     vocab_size: int | None
     source: str
+    # A Keras config with several inputs or outputs: x_* and y_* are dicts keyed by the
+    # input and output names (an npz's named arrays), and these are each output's units.
+    named_outputs: dict[str, int] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.x_train.shape[1:])
+        return tuple(_first(self.x_train).shape[1:])
+
+    @property
+    def train_rows(self) -> int:
+        return len(_first(self.x_train))
+
+    @property
+    def val_rows(self) -> int:
+        return 0 if self.x_val is None else len(_first(self.x_val))
+
+    @property
+    def test_rows(self) -> int:
+        return 0 if self.x_test is None else len(_first(self.x_test))
+
+    @property
+    def has_test(self) -> bool:
+        return self.x_test is not None
+
+    def sample(self, n: int) -> np.ndarray | dict[str, np.ndarray]:
+        """One batch of inputs, for timing the forward pass."""
+        return _take(self.x_train, slice(0, n))
 
     @property
     def eval_split(self) -> tuple[str, np.ndarray, np.ndarray] | None:
@@ -77,6 +108,17 @@ class Data:
         if self.x_test is not None:
             return "test", self.x_test, self.y_test
         return None
+
+
+def _first(x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+    return next(iter(x.values())) if isinstance(x, dict) else x
+
+
+def _take(x, rows):
+    """Rows of an array, or of each array of a dict of named arrays."""
+    if isinstance(x, dict):
+        return {k: v[rows] for k, v in x.items()}
+    return x[rows]
 
 
 # ---------------------------------------------------------------- MNIST and Fashion-MNIST
@@ -317,7 +359,8 @@ def _inside_uploads(given: Path, path: Path, uploads: Path) -> bool:
 
 
 def _npz(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
-    """Arrays from a local .npz: x_train/y_train (and x_test/y_test), or x/y."""
+    """Arrays from a local .npz: x_train/y_train (and x_test/y_test), or x/y; or, for a
+    model with several inputs or outputs, named arrays (_named)."""
     file, path = _npz_file(spec, paths)
     try:
         with np.load(file, allow_pickle=False) as z:
@@ -325,6 +368,8 @@ def _npz(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     except (OSError, ValueError) as exc:
         detail = str(exc).replace(str(file), path)
         raise DatasetInvalid(f"dataset.path {path}: not a readable .npz file ({detail})") from None
+    if any(NAMED_SEP in k for k in arrays):
+        return _named(spec, arrays, path)
     x, y = arrays.get("x_train", arrays.get("x")), arrays.get("y_train", arrays.get("y"))
     if x is None or y is None:
         raise DatasetInvalid(
@@ -352,6 +397,51 @@ def _npz(spec: DatasetSpec, paths: DataPaths, seed: int) -> Arrays:
     return Arrays(x, y, xt, yt, kind, task, num_classes if task == "classification" else None, path)
 
 
+NAMED_SEP = ":"  # x_train:<input name>, y_train:<output name>; np.savez keeps any key
+_SPLITS = {"x": "x_train", "y": "y_train"}  # x:<name> is x_train:<name>
+
+
+def named_splits(keys) -> dict[str, dict[str, str]]:
+    """An npz's named array keys by split (x_train, y_train, x_test, y_test), then name."""
+    out: dict[str, dict[str, str]] = {}
+    for key in keys:
+        split, sep, name = key.partition(NAMED_SEP)
+        if sep and name:
+            out.setdefault(_SPLITS.get(split, split), {})[name] = key
+    return out
+
+
+def _named(spec: DatasetSpec, arrays: dict[str, np.ndarray], path: str) -> Arrays:
+    """Named arrays, one per model input and output; matched to the model in prepare. Labels
+    are integer classes when every y array holds integers in one column."""
+    splits = {
+        split: {name: arrays[key] for name, key in keys.items()}
+        for split, keys in named_splits(arrays).items()
+    }
+    x, y = splits.get("x_train"), splits.get("y_train")
+    if not x or not y:
+        raise DatasetInvalid(
+            f"{path} holds {sorted(arrays)}; named arrays need x_train:<input name> and "
+            "y_train:<output name>"
+        )
+    rows = {k: len(v) for k, v in {**x, **y}.items()}
+    if len(set(rows.values())) != 1 or 0 in rows.values():
+        raise DatasetInvalid(f"{path}: the training arrays' rows differ or are none ({rows})")
+    xt, yt = splits.get("x_test"), splits.get("y_test")
+    if not xt or not yt:
+        xt = yt = None
+    integer = all(
+        np.issubdtype(v.dtype, np.integer) and (v.ndim == 1 or v.shape[1:] == (1,))
+        for v in y.values()
+    )
+    task = spec.task or ("classification" if integer else "regression")
+    if task == "classification" and not integer:
+        raise DatasetInvalid(f"{path}: classification needs integer class labels in every y")
+    first = next(iter(x.values()))
+    kind = "image" if first.ndim == 4 else "sequence" if first.ndim == 3 else "tabular"
+    return Arrays(x, y, xt, yt, kind, task, None, path)  # type: ignore[arg-type]
+
+
 LOADERS: Registry[Callable[[DatasetSpec, DataPaths, int], Arrays]] = Registry(
     "dataset",
     {
@@ -359,6 +449,10 @@ LOADERS: Registry[Callable[[DatasetSpec, DataPaths, int], Arrays]] = Registry(
         "linear": _linear,
         "mnist": lambda s, p, seed: _image_set("mnist", p),
         "npz": _npz,
+        "csv": lambda s, p, seed: streams.load_table(s, p, "csv"),
+        "parquet": lambda s, p, seed: streams.load_table(s, p, "parquet"),
+        "tfrecord": lambda s, p, seed: streams.load_tfrecord(s, p),
+        "image_folder": lambda s, p, seed: streams.load_image_folder(s, p),
         "synthetic_classification": _synthetic_classification,
         "synthetic_images": _synthetic_images,
         "synthetic_regression": _synthetic_regression,
@@ -369,13 +463,20 @@ LOADERS: Registry[Callable[[DatasetSpec, DataPaths, int], Arrays]] = Registry(
 # ---------------------------------------------------------------- shaping for a job
 
 
-def load(spec: JobSpec, paths: DataPaths) -> Data:
-    """Load the job's dataset and shape inputs and labels for its model and loss."""
+def load(spec: JobSpec, paths: DataPaths) -> Data | streams.Stream:
+    """Load the job's dataset and shape inputs and labels for its model and loss: arrays, or
+    a file dataset streamed through tf.data when it would not fit in memory."""
+    if spec.dataset.name in names.STREAMED:
+        # File loaders take the whole job: how a batch is shaped depends on model and loss.
+        found = LOADERS.get(spec.dataset.name)(spec, paths, spec.training.seed)
+        return found if isinstance(found, streams.Stream) else prepare(spec, found)
     arrays = LOADERS.get(spec.dataset.name)(spec.dataset, paths, spec.training.seed)
     return prepare(spec, arrays)
 
 
 def prepare(spec: JobSpec, a: Arrays) -> Data:
+    if isinstance(a.x_train, dict):
+        return _prepare_named(spec, a)
     ds, arch = spec.dataset, spec.model.architecture
     if arch == "cnn" and a.kind != "image":
         raise DatasetInvalid(f"model cnn needs images but {a.source} holds {a.kind} data")
@@ -426,7 +527,9 @@ def prepare(spec: JobSpec, a: Arrays) -> Data:
 
     x, y = inputs(a.x_train), labels(a.y_train)
     x_val = y_val = None
-    if ds.validation_split > 0:
+    if a.x_val is not None:
+        x_val, y_val = inputs(a.x_val), labels(a.y_val)
+    elif ds.validation_split > 0:
         order = np.random.default_rng(spec.training.seed).permutation(len(x))
         n_val = max(int(len(x) * ds.validation_split), 1)
         val, train = order[:n_val], order[n_val:]
@@ -446,4 +549,94 @@ def prepare(spec: JobSpec, a: Arrays) -> Data:
         tokens=bool(tokens),
         vocab_size=ds.vocab_size if ds.tokens else (int(a.x_train.max()) + 1 if tokens else None),
         source=a.source,
+    )
+
+
+def _prepare_named(spec: JobSpec, a: Arrays) -> Data:
+    """Named arrays for a Keras config's inputs and outputs: each fed the array named after
+    it, as float32 (integer inputs stay int32, for embeddings; uint8 images scaled by
+    normalize); the labels of each output shaped for the spec's one loss."""
+    model = spec.model
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        raise DatasetInvalid(
+            f"{a.source} holds named arrays (x_train:NAME), which feed a keras config's named "
+            "inputs and outputs; use x_train and y_train for this model"
+        )
+    wanted = {"x_train": [n for n, _, _ in graph.inputs], "y_train": list(graph.outputs)}
+    for split, names_ in wanted.items():
+        given = a.x_train if split == "x_train" else a.y_train
+        for n in names_:
+            if n not in given:
+                raise DatasetInvalid(
+                    f"{a.source} has no array {split}{NAMED_SEP}{n} for the model's "
+                    f"{'input' if split == 'x_train' else 'output'} {n!r}; it holds "
+                    f"{', '.join(f'{split}{NAMED_SEP}{k}' for k in sorted(given))}"
+                )
+    normalize = spec.dataset.normalize
+
+    def inputs(xs):
+        if xs is None:
+            return None
+        out = {}
+        for n in wanted["x_train"]:
+            v = xs[n]
+            if v.dtype == np.uint8:
+                v = v.astype(np.float32) / (255.0 if normalize else 1.0)
+            elif np.issubdtype(v.dtype, np.integer):
+                v = v.astype(np.int32)
+            out[n] = v.astype(np.float32) if v.dtype != np.int32 else v
+        return out
+
+    fmt = spec.label_format
+    units: dict[str, int] = {}
+    for n in wanted["y_train"]:
+        y = a.y_train[n]
+        if a.task == "regression":
+            units[n] = 1 if y.ndim == 1 else int(np.prod(y.shape[1:]))
+        else:
+            k = int(max(y.max(), a.y_test[n].max() if a.y_test and n in a.y_test else 0)) + 1
+            units[n] = 1 if fmt == "binary" and k == 2 else k
+
+    def labels(ys):
+        if ys is None:
+            return None
+        out = {}
+        for n in wanted["y_train"]:
+            y = ys[n]
+            if a.task == "regression":
+                out[n] = y.astype(np.float32).reshape(len(y), -1)
+            elif fmt == "sparse":
+                out[n] = y.reshape(len(y)).astype(np.int32)
+            elif units[n] == 1:
+                out[n] = y.astype(np.float32).reshape(-1, 1)
+            else:
+                out[n] = np.eye(units[n], dtype=np.float32)[y.reshape(len(y))]
+        return out
+
+    x, y = inputs(a.x_train), labels(a.y_train)
+    x_val = y_val = None
+    ds = spec.dataset
+    if ds.validation_split > 0:
+        order = np.random.default_rng(spec.training.seed).permutation(len(_first(x)))
+        n_val = max(int(len(order) * ds.validation_split), 1)
+        val, train = order[:n_val], order[n_val:]
+        x, y, x_val, y_val = _take(x, train), _take(y, train), _take(x, val), _take(y, val)
+    has_test = ds.evaluate_on_test and a.x_test is not None
+    first = units[wanted["y_train"][0]]
+    return Data(
+        x_train=x,  # type: ignore[arg-type]
+        y_train=y,  # type: ignore[arg-type]
+        x_val=x_val,  # type: ignore[arg-type]
+        y_val=y_val,  # type: ignore[arg-type]
+        x_test=inputs(a.x_test) if has_test else None,
+        y_test=labels(a.y_test) if has_test else None,
+        kind=a.kind,
+        task=a.task,
+        num_classes=None if a.task == "regression" else first,
+        output_units=first,
+        tokens=False,
+        vocab_size=None,
+        source=a.source,
+        named_outputs=units,
     )

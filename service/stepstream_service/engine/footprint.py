@@ -25,8 +25,9 @@ from typing import IO
 
 import numpy as np
 
-from stepstream.kernel import names
 from stepstream.kernel.spec import JobSpec
+from stepstream_service.engine.shapes import Stack as _Stack
+from stepstream_service.engine.shapes import layers as _layers
 from stepstream_service.errors import DatasetInvalid
 
 GiB = 2**30
@@ -93,7 +94,8 @@ class ArrayInfo:
 NPZ_INPUTS = (("x_train", "y_train"), ("x", "y"))
 NPZ_EXPECTED = (
     "an .npz file (a zip of .npy arrays, as numpy.savez writes) holding x_train and y_train "
-    "(or x and y), optionally x_test and y_test, as plain numeric arrays"
+    "(or x and y), optionally x_test and y_test, as plain numeric arrays; or, for a keras "
+    "config with several inputs or outputs, x_train:<input name> and y_train:<output name>"
 )
 
 
@@ -164,6 +166,13 @@ def check_npz(arrays: dict[str, ArrayInfo], max_expanded: int) -> int:
             f"{size(max_expanded)} (max_upload_expanded_bytes)"
         )
     pair = next(((x, y) for x, y in NPZ_INPUTS if x in arrays and y in arrays), None)
+    named = [k for k in arrays if k.startswith(("x_train:", "y_train:", "x:", "y:"))]
+    if pair is None and {k[0] for k in named} == {"x", "y"}:
+        rows = {k: arrays[k].shape[0] if arrays[k].shape else 0 for k in named}
+        if len(set(rows.values())) != 1 or 0 in rows.values():
+            listed = ", ".join(f"{k} {n}" for k, n in sorted(rows.items())[:8])
+            raise DatasetInvalid(f"its named training arrays' rows differ or are none ({listed})")
+        return expanded
     if pair is None:
         found = ", ".join(sorted(arrays)[:8]) or "no arrays"
         raise DatasetInvalid(f"it holds {_shown(found)}; expected {NPZ_EXPECTED}")
@@ -349,7 +358,99 @@ def _dataset(
         )
     if ds.name == "npz" and npz:
         return _npz_data(spec, npz, npz_file)
+    if ds.name in _STREAMED:
+        return _streamed_data(spec, npz_file)
     return None
+
+
+# Batches a streamed dataset holds beyond its shuffle buffer: being read, prefetched, and the
+# one training.
+STREAM_BATCHES = 4
+_STREAMED = ("csv", "parquet", "tfrecord", "image_folder")  # kernel.names.STREAMED
+
+
+def _streamed_data(spec: JobSpec, file: Path | None) -> _Data:
+    """A file dataset as streamed: what is held is its shuffle buffer and a few batches, never
+    the files' size. With `stream: false` it is read whole into arrays: its rows then count,
+    as many as a local file says (Parquet's metadata, a CSV's or TFRecord's size over its first
+    rows', an image folder's listing). Unasked, the worker reads arrays only when they take a
+    small share of its free memory, so the streamed estimate holds. Inputs per row from the
+    spec, else from a local file's header; one when neither tells."""
+    ds, f32, i64 = spec.dataset, np.dtype("float32"), np.dtype("int64")
+    batch = spec.training.batch_size
+    task = ds.task or ("classification" if ds.name == "image_folder" else "regression")
+    classes = ds.num_classes or (2 if task == "classification" else None)
+    whole = _file_rows(ds.name, file, ds) if ds.stream is False else None
+    if ds.name == "image_folder":
+        s, c = ds.image_size or 32, ds.channels or 3
+        if whole:
+            raw = [ArrayInfo((whole, s, s, c), np.dtype("uint8")), ArrayInfo((whole,), i64)]
+            return _Data(raw, 0, "image", "classification", whole, 0, (s, s, c), (), classes, None)
+        held = ArrayInfo((STREAM_BATCHES * batch, s, s, c), f32)  # file names are shuffled
+        return _Data([held], 0, "image", "classification", 0, 0, (s, s, c), (), classes, None)
+    if ds.name == "tfrecord":
+        spec_ = ds.feature_spec or {}
+        label = ds.label or (list(spec_)[-1] if spec_ else None)
+        chosen = ds.features or [n for n in spec_ if n != label]
+        width = sum(math.prod(spec_[n].shape) for n in chosen if n in spec_) or 1
+    else:
+        width = len(ds.features) if ds.features else max(_columns(ds.name, file, ds) - 1, 1)
+    if whole:
+        raw = [ArrayInfo((whole, width), f32), ArrayInfo((whole,), i64)]
+        return _Data(raw, 0, "tabular", task, whole, 0, (width,), (), classes, None)
+    rows = (ds.shuffle_buffer or 10_000) + STREAM_BATCHES * batch
+    held = ArrayInfo((rows, width + 1), f32)
+    return _Data([held], 0, "tabular", task, 0, 0, (width,), (), classes, None)
+
+
+_SAMPLE = 1 << 20  # bytes of a CSV or TFRecord file read to size its rows
+
+
+def _file_rows(name: str, file: Path | None, ds) -> int | None:
+    """About how many examples a local dataset file holds; None when there is none here (a
+    remote file: the loader reads it, and the worker's own memory check stands)."""
+    if file is None:
+        return None
+    try:
+        if name == "image_folder":
+            suffixes = (".png", ".jpg", ".jpeg", ".bmp", ".gif")  # streams.IMAGE_EXTENSIONS
+            if file.is_dir():
+                return sum(1 for p in file.rglob("*") if p.suffix.lower() in suffixes)
+            import tarfile
+
+            with tarfile.open(file) as tar:
+                return sum(1 for m in tar if m.isfile() and m.name.lower().endswith(suffixes))
+        if name == "parquet":
+            import pyarrow.parquet as pq
+
+            return int(pq.ParquetFile(file).metadata.num_rows)
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(_SAMPLE)
+        if name == "tfrecord":
+            first = 12 + int.from_bytes(head[:8], "little") + 4 if len(head) >= 12 else 0
+            return size // first if first else None
+        lines = head.count(b"\n") - 1  # less the header (or the line column_names replaces)
+        return max(int(size / len(head) * lines), lines, 1) if head else None
+    except Exception:  # an unreadable file is the loader's to explain
+        return None
+
+
+def _columns(name: str, file: Path | None, ds) -> int:
+    """Columns in a local CSV or Parquet file (its header or schema); 1 when unknown."""
+    if ds.column_names:
+        return len(ds.column_names)
+    if file is None:
+        return 1
+    try:
+        if name == "parquet":
+            import pyarrow.parquet as pq
+
+            return len(pq.ParquetFile(file).schema_arrow.names)
+        with file.open("r", encoding="utf-8", errors="replace") as f:
+            return len(f.readline(1 << 20).split(","))
+    except Exception:  # an unreadable file is the loader's to explain
+        return 1
 
 
 def _npz_data(spec: JobSpec, npz: dict[str, ArrayInfo], npz_file: Path | None) -> _Data | None:
@@ -447,78 +548,6 @@ def _data_bytes(spec: JobSpec, data: _Data) -> int:
 # ---------------------------------------------------------------- the model, layer by layer
 
 
-class _Stack:
-    """Shapes through the layers, counting parameters and activations per example."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape = tuple(int(d) for d in shape)
-        self.params = 0
-        self.trainable = 0
-        self.largest = 0  # the largest variable, in parameters
-        self.activations = math.prod(self.shape)  # the input batch itself
-
-    def _vars(self, *sizes: int, frozen: int = 0) -> None:
-        total = sum(sizes)
-        self.params += total + frozen
-        self.trainable += total
-        self.largest = max(self.largest, *sizes, frozen)
-
-    def _out(self, shape: tuple[int, ...], kept: int = 0) -> None:
-        self.shape = shape
-        self.activations += math.prod(shape) + kept
-
-    def dense(self, units: int) -> None:
-        self._vars(self.shape[-1] * units, units)
-        self._out((*self.shape[:-1], units))
-
-    def batch_norm(self) -> None:
-        c = self.shape[-1]
-        self._vars(c, c, frozen=2 * c)  # gamma, beta; the moving mean and variance
-        self._out(self.shape)
-
-    def dropout(self) -> None:
-        self._out(self.shape)  # its mask
-
-    def flatten(self) -> None:
-        self.shape = (math.prod(self.shape),)  # a view: nothing new is kept
-
-    def conv2d(self, filters: int, kernel: int, strides: int, padding: str) -> None:
-        if len(self.shape) != 3:
-            return
-        h, w, c = self.shape
-        self._vars(kernel * kernel * c * filters, filters)
-        self._out((_span(h, kernel, strides, padding), _span(w, kernel, strides, padding), filters))
-
-    def max_pool(self, pool: int, strides: int | None, padding: str) -> None:
-        if len(self.shape) != 3:
-            return
-        h, w, c = self.shape
-        s = strides or pool
-        self._out((_span(h, pool, s, padding), _span(w, pool, s, padding), c))
-
-    def embedding(self, vocab: int, dim: int) -> None:
-        self._vars(vocab * dim)
-        self._out((*self.shape, dim))
-
-    def rnn(self, cell: str, units: int, sequences: bool, bidirectional: bool = False) -> None:
-        if len(self.shape) != 2:
-            return
-        steps, d = self.shape
-        gates = {"lstm": 4, "gru": 3, "simple_rnn": 1}[cell]
-        biases = 2 * gates * units if cell == "gru" else gates * units  # GRU: reset_after
-        directions = 2 if bidirectional else 1
-        for _ in range(directions):
-            self._vars(d * gates * units, units * gates * units, biases)
-        width = units * directions
-        # Every step's gates are kept for the backward pass through time.
-        kept = steps * gates * units * directions
-        self._out((steps, width) if sequences else (width,), kept)
-
-
-def _span(n: int, k: int, s: int, padding: str) -> int:
-    return max(math.ceil(n / s), 1) if padding == "same" else max((n - k) // s + 1, 1)
-
-
 def _hidden(stack: _Stack, spec: JobSpec, units: Iterable[int]) -> None:
     m = spec.model
     for n in units:
@@ -565,39 +594,6 @@ def _body(spec: JobSpec, data: _Data | None) -> _Stack:
     return stack
 
 
-def _layers(stack: _Stack, spec: JobSpec, vocab: int | None) -> None:
-    layers = spec.model.layers
-    for i, layer in enumerate(layers):
-        following = layers[i + 1].type if i + 1 < len(layers) else None
-        kind = layer.type
-        if kind == "dense":
-            stack.dense(layer.units or 1)
-        elif kind == "batch_normalization":
-            stack.batch_norm()
-        elif kind == "dropout":
-            stack.dropout()
-        elif kind == "flatten":
-            stack.flatten()
-        elif kind == "conv2d":
-            stack.conv2d(
-                layer.filters or 1,
-                layer.kernel_size or 3,
-                layer.strides or 1,
-                layer.padding or "valid",
-            )
-        elif kind == "max_pool2d":
-            stack.max_pool(layer.pool_size or 2, layer.strides, layer.padding or "valid")
-        elif kind == "embedding":
-            stack.embedding(vocab or 2, layer.output_dim or 32)
-        elif kind in names.RNN_CELLS:
-            sequences = following in names.RNN_CELLS
-            if layer.return_sequences is not None:
-                sequences = layer.return_sequences
-            stack.rnn(kind, layer.units or 1, sequences)
-    if len(stack.shape) > 1:
-        stack.flatten()
-
-
 def optimizer_slots(spec: JobSpec) -> int:
     o = spec.optimizer
     slots = _SLOTS.get(o.name, 2)
@@ -611,8 +607,14 @@ def optimizer_slots(spec: JobSpec) -> int:
 
 
 def _model_footprint(spec: JobSpec, data: _Data | None, data_bytes: int) -> Footprint:
-    stack = _body(spec, data)
-    stack.dense(_output_units(spec, data) if data is not None else 1)
+    if spec.model.architecture in ("backbone", "keras"):
+        from stepstream_service.engine import config_footprint  # it builds on _Stack
+
+        stack = config_footprint.body(spec, data)
+    else:
+        stack = _body(spec, data)
+    if spec.model.architecture != "keras":  # a Keras config's outputs are its own
+        stack.dense(_output_units(spec, data) if data is not None else 1)
     width = 2 if spec.runtime.precision.startswith("mixed") else 4
     batch = spec.training.batch_size
     # Evaluation runs forward only, in batches of at least 256 (trainer._evaluate).

@@ -16,6 +16,7 @@ from keras import ops
 
 from stepstream.kernel import names
 from stepstream.kernel.spec import LayerSpec, LossSpec, OptimizerSpec, ScheduleSpec
+from stepstream_service.engine.layers import PositionEmbedding
 
 T = TypeVar("T")
 
@@ -188,41 +189,154 @@ class LayerContext:
 
 
 LK = keras.layers
+Tensor = Any
+# A layer's builder makes what turns its inputs (one tensor each, in the order the spec lists
+# them) into its output: a Keras layer called on them, or a few chained.
+Apply = Callable[[list[Tensor]], Tensor]
 
 
-def _rnn(cls: type) -> Callable[[LayerSpec, LayerContext], keras.layers.Layer]:
-    def build(s: LayerSpec, ctx: LayerContext) -> keras.layers.Layer:
-        rs = ctx.return_sequences if s.return_sequences is None else s.return_sequences
-        return cls(s.units, return_sequences=rs, **_options(s, "activation"), seed=ctx.seed)
+def _one(make: Callable[[LayerSpec, LayerContext], keras.layers.Layer]):
+    """A layer of one input."""
+
+    def build(s: LayerSpec, ctx: LayerContext) -> Apply:
+        layer = make(s, ctx)
+        return lambda xs: layer(xs[0])
 
     return build
 
 
-LAYERS: Registry[Callable[[LayerSpec, LayerContext], keras.layers.Layer]] = Registry(
-    "layer",
-    {
-        "batch_normalization": lambda s, c: LK.BatchNormalization(
-            **_options(s, "momentum", "epsilon")
-        ),
-        "conv2d": lambda s, c: LK.Conv2D(
-            s.filters,
-            s.kernel_size or 3,
+def _merge(cls: type, **kwargs: Any):
+    def build(s: LayerSpec, ctx: LayerContext) -> Apply:
+        layer = cls(**kwargs, **_options(s, "axis"))
+        return lambda xs: layer(list(xs))
+
+    return build
+
+
+def _conv(cls: type, depth: bool = False):
+    def make(s: LayerSpec, c: LayerContext) -> keras.layers.Layer:
+        extra = _options(s, "depth_multiplier")
+        if not depth:
+            extra["filters"] = s.filters
+        return cls(
+            kernel_size=s.kernel_size or 3,
             strides=s.strides or 1,
             padding=s.padding or "valid",
             activation=s.activation or c.default_activation,
+            **extra,
+        )
+
+    return _one(make)
+
+
+def _pool(cls: type):
+    return _one(lambda s, c: cls(s.pool_size or 2, strides=s.strides, padding=s.padding or "valid"))
+
+
+def _rnn_layer(cell: str, s: LayerSpec, ctx: LayerContext) -> keras.layers.Layer:
+    rs = ctx.return_sequences if s.return_sequences is None else s.return_sequences
+    return _RNN_CLASSES[cell](
+        s.units, return_sequences=rs, **_options(s, "activation"), seed=ctx.seed
+    )
+
+
+_RNN_CLASSES = {"gru": LK.GRU, "lstm": LK.LSTM, "simple_rnn": LK.SimpleRNN}
+
+
+def _rnn(cell: str):
+    return _one(lambda s, c: _rnn_layer(cell, s, c))
+
+
+def _embedding(s: LayerSpec, ctx: LayerContext) -> Apply:
+    embed = LK.Embedding(ctx.vocab_size or 2, s.output_dim or 32)
+    if not s.positional:
+        return lambda xs: embed(xs[0])
+    positions = PositionEmbedding()
+    return lambda xs: positions(embed(xs[0]))
+
+
+def _attention(s: LayerSpec, ctx: LayerContext) -> Apply:
+    layer = LK.MultiHeadAttention(s.num_heads, s.key_dim, dropout=s.dropout or 0.0, seed=ctx.seed)
+
+    def apply(xs: list[Tensor]) -> Tensor:
+        query, value, key = xs[0], xs[1] if len(xs) > 1 else xs[0], xs[2] if len(xs) > 2 else None
+        return layer(query, value, key)
+
+    return apply
+
+
+def _random_crop(s: LayerSpec, ctx: LayerContext) -> Apply:
+    # Keras's RandomCrop passes whole images through outside training (its documentation
+    # says it crops them), which would change the model's shape there; the centre crop after
+    # it is that crop, and a no-op on the images RandomCrop has cut already.
+    crop = LK.RandomCrop(s.height, s.width, seed=ctx.seed)
+    centre = LK.CenterCrop(s.height, s.width)
+    return lambda xs: centre(crop(xs[0]))
+
+
+LAYERS: Registry[Callable[[LayerSpec, LayerContext], Apply]] = Registry(
+    "layer",
+    {
+        "activation": _one(lambda s, c: LK.Activation(ACTIVATIONS.get(s.activation))),
+        "add": _merge(LK.Add),
+        "average_pool1d": _pool(LK.AveragePooling1D),
+        "average_pool2d": _pool(LK.AveragePooling2D),
+        "batch_normalization": _one(
+            lambda s, c: LK.BatchNormalization(**_options(s, "momentum", "epsilon"))
         ),
-        "dense": lambda s, c: LK.Dense(s.units, activation=s.activation or c.default_activation),
-        "dropout": lambda s, c: LK.Dropout(s.rate, seed=c.seed),
-        "embedding": lambda s, c: LK.Embedding(c.vocab_size or 2, s.output_dim or 32),
-        "flatten": lambda s, c: LK.Flatten(),
-        "gru": _rnn(LK.GRU),
-        "lstm": _rnn(LK.LSTM),
-        "max_pool2d": lambda s, c: LK.MaxPooling2D(
-            s.pool_size or 2, strides=s.strides, padding=s.padding or "valid"
+        "bidirectional": _one(
+            lambda s, c: LK.Bidirectional(
+                _rnn_layer(s.cell or "lstm", s, c), merge_mode=s.merge_mode or "concat"
+            )
         ),
-        "simple_rnn": _rnn(LK.SimpleRNN),
+        "concatenate": _merge(LK.Concatenate),
+        "conv1d": _conv(LK.Conv1D),
+        "conv2d": _conv(LK.Conv2D),
+        "conv2d_transpose": _conv(LK.Conv2DTranspose),
+        "dense": _one(
+            lambda s, c: LK.Dense(s.units, activation=s.activation or c.default_activation)
+        ),
+        "depthwise_conv1d": _conv(LK.DepthwiseConv1D, depth=True),
+        "depthwise_conv2d": _conv(LK.DepthwiseConv2D, depth=True),
+        "dropout": _one(lambda s, c: LK.Dropout(s.rate, seed=c.seed)),
+        "embedding": _embedding,
+        "flatten": _one(lambda s, c: LK.Flatten()),
+        "global_average_pool1d": _one(lambda s, c: LK.GlobalAveragePooling1D()),
+        "global_average_pool2d": _one(lambda s, c: LK.GlobalAveragePooling2D()),
+        "global_max_pool1d": _one(lambda s, c: LK.GlobalMaxPooling1D()),
+        "global_max_pool2d": _one(lambda s, c: LK.GlobalMaxPooling2D()),
+        "group_normalization": _one(
+            lambda s, c: LK.GroupNormalization(**_options(s, "groups", "epsilon"))
+        ),
+        "gru": _rnn("gru"),
+        "layer_normalization": _one(lambda s, c: LK.LayerNormalization(**_options(s, "epsilon"))),
+        "lstm": _rnn("lstm"),
+        "max_pool1d": _pool(LK.MaxPooling1D),
+        "max_pool2d": _pool(LK.MaxPooling2D),
+        "multi_head_attention": _attention,
+        "multiply": _merge(LK.Multiply),
+        "position_embedding": _one(lambda s, c: PositionEmbedding()),
+        # The random_* layers change examples only while training (Keras passes training=True
+        # in fit alone), so evaluation and prediction see the data as it is.
+        "random_contrast": _one(lambda s, c: LK.RandomContrast(s.factor, seed=c.seed)),
+        "random_crop": _random_crop,
+        "random_flip": _one(
+            lambda s, c: LK.RandomFlip(s.mode or "horizontal_and_vertical", seed=c.seed)
+        ),
+        "random_rotation": _one(lambda s, c: LK.RandomRotation(s.factor, seed=c.seed)),
+        "random_zoom": _one(lambda s, c: LK.RandomZoom(s.factor, seed=c.seed)),
+        "rescaling": _one(lambda s, c: LK.Rescaling(s.scale, offset=s.offset or 0.0)),
+        "reshape": _one(lambda s, c: LK.Reshape(tuple(s.target_shape or ()))),
+        "separable_conv1d": _conv(LK.SeparableConv1D),
+        "separable_conv2d": _conv(LK.SeparableConv2D),
+        "simple_rnn": _rnn("simple_rnn"),
+        "upsampling1d": _one(lambda s, c: LK.UpSampling1D(s.size or 2)),
+        "upsampling2d": _one(
+            lambda s, c: LK.UpSampling2D(s.size or 2, interpolation=s.interpolation or "nearest")
+        ),
     },
 )
+
 
 # ---------------------------------------------------------------- metrics
 

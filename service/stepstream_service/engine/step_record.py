@@ -20,10 +20,15 @@ STEP_COUNT = "step_count"
 
 class StepRecorder(keras.metrics.Metric):
     """value: "sparse_accuracy" (integer labels), "argmax_accuracy" (one-hot labels),
-    "binary_accuracy" (one output unit, cut at `threshold`) or "mae" (regression)."""
+    "binary_accuracy" (one output unit, cut at `threshold`), "mae" (regression) or "none"."""
 
-    def __init__(self, loss_fn, value: str, window: int, threshold: float = 0.5, **kwargs):
-        super().__init__(name="steps", **kwargs)
+    def __init__(
+        self, loss_fn, value: str, window: int, threshold: float = 0.5, suffix: str = "", **kwargs
+    ):
+        # suffix: the result's keys for a model's second and later outputs (the caller adds
+        # their losses to the first's, the total loss); Keras merges every metric's dict.
+        super().__init__(name=f"steps{suffix}", **kwargs)
+        self.suffix = suffix
         self.loss_fn = loss_fn
         self.value = value
         self.window = int(window)
@@ -33,6 +38,8 @@ class StepRecorder(keras.metrics.Metric):
         self.count = self.add_variable((), "zeros", "int32", name="count")
 
     def _batch_value(self, y_true, y_pred):
+        if self.value == "none":  # a later output's recorder: its loss only
+            return ops.zeros((), "float32")
         if self.value == "mae":
             y_true = ops.reshape(ops.cast(y_true, "float32"), ops.shape(y_pred))
             return ops.mean(ops.abs(y_true - y_pred))
@@ -63,6 +70,8 @@ class StepRecorder(keras.metrics.Metric):
         pass
 
     def result(self):
+        if self.suffix:
+            return {f"{STEP_LOSSES}{self.suffix}": self.losses_buf.value}
         return {
             STEP_LOSSES: self.losses_buf.value,
             STEP_VALUES: self.values_buf.value,

@@ -29,6 +29,9 @@ from stepstream_service.engine import datasets, models
 from stepstream_service.engine.datasets import Data, DataPaths
 from stepstream_service.engine.registry import LOSSES, METRICS, OPTIMIZERS, Labels, learning_rate
 from stepstream_service.engine.step_record import STEP_COUNT, STEP_LOSSES, STEP_VALUES, StepRecorder
+from stepstream_service.engine.streams import Stream
+from stepstream_service.engine.tensorboard import FOLDER as BOARD_FOLDER
+from stepstream_service.engine.tensorboard import Board
 from stepstream_service.store.artifacts import (
     CheckpointScan,
     checkpoint_name,
@@ -65,6 +68,7 @@ def train(
     resume_upto: int | None = None,
     job_id: str | None = None,
     handing_back: Callable[[], bool] = lambda: False,
+    tensorboard: bool = True,
 ) -> ResultEvent:
     """Train `spec`, emitting events; return (and emit) the final ResultEvent.
 
@@ -72,7 +76,8 @@ def train(
     from the latest checkpoint there, if any (none past step `resume_upto`). A run that fails
     while training (non-finite loss, timeout, out of memory) ends in a failed result; a
     dataset that cannot be had raises a `TrainerError`. `job_id` names the job in log lines
-    (the spec's name otherwise).
+    (the spec's name otherwise). With `tensorboard`, the events also go to TensorBoard event
+    files in `workdir`/tensorboard (see engine.tensorboard).
     When `should_stop` stops the run and `handing_back()` is true (its process is shutting
     down, not cancelling), a checkpoint is written first, so the next attempt loses no step.
     """
@@ -81,15 +86,21 @@ def train(
     workdir.mkdir(parents=True, exist_ok=True)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(spec.runtime.precision)
+    run: _Run | None = None
+    board = Board(workdir / BOARD_FOLDER, lambda: getattr(run, "model", None), job_id or spec.name)
+    if tensorboard:
+        emit = board.tee(emit)
     try:
         with _placement(spec):
             run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started, job_id)
             run.handing_back = handing_back
             run.resume_upto = resume_upto
             result = run.execute(resume)
+        emit(result)
     finally:
         keras.config.set_dtype_policy(previous_policy)
-    emit(result)
+        if tensorboard:
+            board.close()  # whatever was written stays, whichever way the run ended
     return result
 
 
@@ -176,21 +187,22 @@ class _Run:
         spec = self.spec
         keras.utils.set_random_seed(spec.training.seed)
         data = datasets.load(spec, self.paths)
-        n_train = len(data.x_train)
+        n_train = data.train_rows
         self.log(
-            "loaded %s from %s: %d training, %d validation, %d test examples",
+            "loaded %s from %s: %d training, %d validation, %d test examples%s",
             spec.dataset.name,
             data.source,
             n_train,
-            0 if data.x_val is None else len(data.x_val),
-            0 if data.x_test is None else len(data.x_test),
+            data.val_rows,
+            data.test_rows,
+            ", streamed" if isinstance(data, Stream) else "",
         )
         self.data = data
         self.steps_per_epoch = math.ceil(n_train / spec.training.batch_size)
         t = spec.training
         self.total = t.steps if t.steps is not None else t.epochs * self.steps_per_epoch
 
-        model = models.build(spec, data)
+        model = models.build(spec, data, self.paths)
         loss = LOSSES.get(spec.loss.name)(spec.loss)
         window = self._window(model, data)
         self.labels = Labels(
@@ -200,10 +212,20 @@ class _Run:
             threshold=0.5 if spec.output_activation == "sigmoid" else 0.0,
         )
         recorder = StepRecorder(loss, self._step_value(data), window, self.labels.threshold)
+        metrics: list | dict = [recorder]
+        self.recorders = [recorder]
+        if getattr(data, "named_outputs", None) is not None:  # a Stream has none
+            # Several outputs: the one loss on each; the first output's recorder streams the
+            # step value, and every output's batch loss is summed into the step loss.
+            self.recorders += [
+                StepRecorder(loss, "none", window, suffix=f"_{i}")
+                for i in range(1, len(model.output_names))
+            ]
+            metrics = {n: [r] for n, r in zip(model.output_names, self.recorders, strict=True)}
         model.compile(
             optimizer=OPTIMIZERS.get(spec.optimizer.name)(spec.optimizer),
             loss=loss,
-            metrics=[recorder],
+            metrics=metrics,
             steps_per_execution=window,
             jit_compile=self._jit_compile(model),
         )
@@ -219,7 +241,8 @@ class _Run:
         )
 
         start = self._resume(model) if resume else 0
-        recorder.count.assign(0)
+        for r in self.recorders:
+            r.count.assign(0)
         return self._fit(start)
 
     def _resume(self, model: keras.Model) -> int:
@@ -279,7 +302,7 @@ class _Run:
         if keras.config.backend() == "torch":
             return 1  # Keras runs PyTorch eagerly, one step per call, and refuses more
         if choice == "auto":
-            batch = data.x_train[: self.spec.training.batch_size]
+            batch = data.sample(self.spec.training.batch_size)
             # Compiled, not eager: eager recurrent layers are far slower than their graphs.
             model.predict_on_batch(batch)
             t0 = time.perf_counter()
@@ -300,14 +323,18 @@ class _Run:
         import tensorflow as tf
 
         t, data = self.spec.training, self.data
-        x, y = tf.constant(data.x_train), tf.constant(data.y_train)
-        order = tf.data.Dataset.range(len(data.x_train))
+        if isinstance(data, Stream):  # files read batch by batch, through a bounded buffer
+            return data.batches(t.batch_size, t.shuffle, t.seed, start, self.total)
+        # Arrays, or dicts of them keyed by input and output name (named data).
+        x, y = tf.nest.map_structure(tf.constant, (data.x_train, data.y_train))
+        order = tf.data.Dataset.range(data.train_rows)
         if t.shuffle:
-            order = order.shuffle(len(data.x_train), seed=t.seed, reshuffle_each_iteration=True)
+            order = order.shuffle(data.train_rows, seed=t.seed, reshuffle_each_iteration=True)
         batches = order.batch(t.batch_size).repeat().skip(start).take(self.total - start)
         # One gather per batch copies each row once. A sequential map: on a small machine
         # parallel map threads compete with the training step for the same cores.
-        return batches.map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(tf.data.AUTOTUNE)
+        rows = lambda i: tf.nest.map_structure(lambda a: tf.gather(a, i), (x, y))  # noqa: E731
+        return batches.map(rows).prefetch(tf.data.AUTOTUNE)
 
     def _fit(self, start: int) -> ResultEvent:
         outcome = _Outcome()
@@ -331,8 +358,8 @@ class _Run:
         if outcome.outcome != "succeeded":
             return self._result(outcome, steps)
         test_metrics = {}
-        if self.data.x_test is not None:
-            test_metrics = self._evaluate(self.data.x_test, self.data.y_test)
+        if self.data.has_test:
+            test_metrics = self._evaluate(*self._split("test"))
             self.log("test: %s", _fmt(test_metrics))
         model_path = self.workdir / "model.keras"
         _sync(self.model)
@@ -354,18 +381,32 @@ class _Run:
 
     # ---------------------------------------------------------------- evaluation, checkpoints
 
-    def _evaluate(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    def _split(self, name: str) -> tuple:
+        """A split as _evaluate takes it: arrays, or a streamed dataset's batches."""
+        if isinstance(self.data, Stream):
+            return self.data.split(name, max(self.spec.training.batch_size, 256)), None
+        if name == "test":
+            return self.data.x_test, self.data.y_test
+        return self.data.eval_split[1:]
+
+    def _evaluate(self, x, y) -> dict[str, float]:
         if not hasattr(self, "eval_model"):
             # A second model over the same layers: its metrics are the ones the user asked
             # for, and evaluating it leaves the training model's step record untouched.
             self.eval_model = keras.Model(self.model.inputs, self.model.outputs)
+            asked = lambda: [METRICS.get(m)(self.labels) for m in self.spec.metrics]  # noqa: E731
+            several = getattr(self.data, "named_outputs", None) is not None
             self.eval_model.compile(
                 loss=LOSSES.get(self.spec.loss.name)(self.spec.loss),
-                metrics=[METRICS.get(m)(self.labels) for m in self.spec.metrics],
+                # Several outputs: each gets the metrics, reported as <output>_<metric>.
+                metrics={n: asked() for n in self.eval_model.output_names} if several else asked(),
             )
         _sync(self.model)
         batch = max(self.spec.training.batch_size, 256)
-        values = self.eval_model.evaluate(x, y, batch_size=batch, verbose=0, return_dict=True)
+        if y is None:  # a tf.data dataset of batches
+            values = self.eval_model.evaluate(x, verbose=0, return_dict=True)
+        else:
+            values = self.eval_model.evaluate(x, y, batch_size=batch, verbose=0, return_dict=True)
         return {k: float(v) for k, v in values.items()}
 
     def checkpoint(self, step: int) -> None:
@@ -408,6 +449,8 @@ class _StepStream(keras.callbacks.Callback):
         if new <= 0:
             return
         losses, values = logs[STEP_LOSSES], logs[STEP_VALUES]
+        for r in run.recorders[1:]:  # a model's later outputs: the step loss is the total
+            losses = losses + logs[f"{STEP_LOSSES}{r.suffix}"]
         now = time.time()
         elapsed = max(now - self.t_last, 1e-9)
         sps = new / elapsed
@@ -477,8 +520,10 @@ class _StepStream(keras.callbacks.Callback):
 
     def _evaluate(self, step: int) -> None:
         run = self.run
-        split, x, y = run.data.eval_split
-        values = run._evaluate(x, y)
+        if run.data.eval_split is None:
+            return
+        split = run.data.eval_split[0]
+        values = run._evaluate(*run._split(split))
         self.outcome.last_eval = values
         run.emit(EvalEvent(step, split, values, time.time()))
         if self.target is not None:

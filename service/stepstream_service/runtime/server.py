@@ -32,7 +32,7 @@ from stepstream_service.runtime.slots import lock_path
 from stepstream_service.runtime.tail import EventTail
 from stepstream_service.store import EVENTS_CHANNEL, Store
 from stepstream_service.store.artifacts import ArtifactStore
-from stepstream_service.store.retention import policy_cutoff, prune
+from stepstream_service.store.retention import policy_cutoff, prune, sweep_partial_uploads
 from stepstream_service.store.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ class Server:
         """Requeue jobs whose worker stopped renewing its lease; refresh the queue gauges;
         apply the retention policy now and then."""
         interval = min(self.settings.lease_seconds / 3, 1.0)
-        pruned = 0.0
+        pruned = swept = 0.0
         while not self.stopping.wait(interval):
             s = self.settings
             if (s.retention_days or s.retention_keep) and time.monotonic() - pruned > 60:
@@ -323,6 +323,12 @@ class Server:
                     )
                 except Exception:
                     log.exception("retention: pruning failed; trying again later")
+            if time.monotonic() - swept > 600:  # uploads cut off part-way, past resuming
+                swept = time.monotonic()
+                try:
+                    sweep_partial_uploads(s)
+                except Exception:
+                    log.exception("retention: sweeping partial uploads failed")
             try:
                 for job_id, state in self.store.rescue():
                     log.warning("job %s: lease expired; now %s", job_id, state.value)

@@ -24,15 +24,23 @@ from typing import Any
 
 import sqlalchemy.exc
 
+from stepstream.kernel import names
 from stepstream.kernel.events import Event, LogEvent, ResultEvent
 from stepstream.kernel.failures import Failure
 from stepstream.kernel.spec import JobSpec, SpecError
 from stepstream_service.config import WORKER_RETIRED, Settings
-from stepstream_service.engine import footprint
+from stepstream_service.engine import footprint, sources
 from stepstream_service.engine.datasets import DataPaths
+from stepstream_service.engine.tensorboard import FOLDER as BOARD_FOLDER
 from stepstream_service.errors import OutOfMemory, TrainerError
 from stepstream_service.store import QUEUE_CHANNEL, Job, JobState, LeaseLost, NewEvent, Store
-from stepstream_service.store.artifacts import ArtifactStore, pull_checkpoint, push_checkpoint
+from stepstream_service.store.artifacts import (
+    ArtifactStore,
+    pull_checkpoint,
+    pull_folder,
+    push_checkpoint,
+    push_folder,
+)
 from stepstream_service.store.errors import StorageQuotaExceeded
 from stepstream_service.store.quota import check_quota, count_artifacts
 from stepstream_service.store.wakeups import Wakeups
@@ -222,7 +230,11 @@ class Worker:
         self.settings, self.store = settings, store
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.stopping = threading.Event()
-        self.paths = DataPaths(data_dir=settings.data_dir, uploads=settings.data_dir / "uploads")
+        self.paths = DataPaths(
+            data_dir=settings.data_dir,
+            uploads=settings.data_dir / "uploads",
+            urls=not settings.auth_configured,  # URLs read with the server's credentials
+        )
         self.artifacts = artifacts or ArtifactStore(
             settings.artifacts_url, settings.artifact_options
         )
@@ -306,6 +318,10 @@ class Worker:
         said = f"attempt {job.attempts} on worker {self.id}"
         if job.attempts <= 1:
             return said
+        try:  # an earlier attempt's TensorBoard files, which this one carries on
+            pull_folder(self.artifacts, f"jobs/{job.id}/{BOARD_FOLDER}", workdir / BOARD_FOLDER)
+        except Exception:
+            log.warning("job %s: earlier TensorBoard files not fetched", job.id, exc_info=True)
         step = pull_checkpoint(self.artifacts, workdir, job.id, upto=job.step)
         if step is None:
             return f"{said}, starting from step 0 (no intact checkpoint)"
@@ -313,11 +329,14 @@ class Worker:
 
     def _inputs(self, job: Job, spec: JobSpec, workdir: Path) -> None:
         """Fetch what an upload left in the artifact store (the checkpoint: see _attempt)."""
-        path = spec.dataset.path
-        if spec.dataset.name == "npz" and path and not Path(path).is_absolute():
-            local = self.settings.data_dir / path
-            if not local.is_file() and self.artifacts.exists(path):
-                self.artifacts.get(path, local)
+        weights = getattr(spec.model, "weights", "none")  # a backbone's (keras_models loads it)
+        local = self.settings.data_dir / weights
+        if weights != "none" and not local.is_file() and self.artifacts.exists(weights):
+            self.artifacts.get(weights, local)
+        if spec.dataset.name not in names.FILE_DATASETS:
+            return
+        for path in (spec.dataset.path, spec.dataset.validation_path, spec.dataset.test_path):
+            sources.fetch(self.artifacts, self.settings.data_dir, path)  # a key, or a glob
 
     def _check_memory(self, job: Job, spec: JobSpec) -> None:
         """Refuse, before anything is allocated, a job whose estimated peak does not fit in
@@ -328,6 +347,10 @@ class Worker:
             with contextlib.suppress(TrainerError):  # a bad file: the loader says why
                 arrays = footprint.npz_arrays(local)
         need = footprint.estimate(spec, arrays, local)
+        if spec.model.architecture == "keras":
+            from stepstream_service.engine import keras_models  # Keras: the worker has it
+
+            need = keras_models.exact_footprint(spec, need)
         host = footprint.headroom()
         on_gpu = self.gpus > 0 and spec.runtime.device != "cpu"
         checks = []
@@ -350,22 +373,27 @@ class Worker:
             spec = JobSpec.parse(job.spec)
             self._inputs(job, spec, run.workdir)
             self._check_memory(job, spec)
-            result = train(
-                spec,
-                run.emit,
-                run.should_stop,
-                workdir=run.workdir,
-                paths=self.paths,
-                resume=job.attempts > 1,
-                # The history stored ends at job.step: a checkpoint past it would leave a hole.
-                resume_upto=job.step,
-                job_id=job.id,
-                handing_back=lambda: self.stopping.is_set() and not run.cancel,
-            )
+            try:
+                result = train(
+                    spec,
+                    run.emit,
+                    run.should_stop,
+                    workdir=run.workdir,
+                    paths=self.paths,
+                    resume=job.attempts > 1,
+                    # The history stored ends at job.step: a checkpoint past it would leave a
+                    # hole.
+                    resume_upto=job.step,
+                    job_id=job.id,
+                    handing_back=lambda: self.stopping.is_set() and not run.cancel,
+                )
+            finally:  # whatever was written, however the run ended
+                self._keep_tensorboard(job, run.workdir)
             result = run.settled(result)
             if result.outcome == "succeeded" and result.model_path:
                 key = f"jobs/{job.id}/model.keras"
                 self.artifacts.put(Path(result.model_path), key)
+                self._export(job, spec, run, Path(result.model_path))
                 result = dataclasses.replace(result, model_path=key)
         except (TrainerError, NoGPU, SpecError) as exc:
             self._fail(run, getattr(exc, "reason", "invalid_spec"), str(exc))
@@ -388,6 +416,29 @@ class Worker:
         if run.lost:
             return
         self._finish(run, result)
+
+    def _keep_tensorboard(self, job: Job, workdir: Path) -> None:
+        """The job's TensorBoard files to the artifact store (a view of the job: never a
+        reason to fail it)."""
+        try:
+            push_folder(self.artifacts, workdir / BOARD_FOLDER, f"jobs/{job.id}/{BOARD_FOLDER}")
+        except Exception:
+            log.warning("job %s: TensorBoard files not stored", job.id, exc_info=True)
+
+    def _export(self, job: Job, spec: JobSpec, run: _JobRun, model: Path) -> None:
+        """The exports the spec asks for, beside model.keras in the store. One that fails is
+        said in the job's events; the job has still succeeded, and a download converts again
+        (saying why it cannot)."""
+        from stepstream_service.engine.export import ARTIFACTS, ExportError, export
+
+        for fmt in spec.export:
+            try:
+                path = export(model, fmt, run.workdir / ARTIFACTS[fmt])
+                self.artifacts.put(path, f"jobs/{job.id}/{ARTIFACTS[fmt]}")
+                run.emit(LogEvent(f"exported the model to {fmt}", time.time()))
+            except ExportError as exc:
+                log.warning("job %s: %s", job.id, exc)
+                run.emit(LogEvent(str(exc), time.time(), level="warning"))
 
     def _finish_when_stored(self, job_id: str, to: JobState, **values: Any) -> None:
         if to.terminal:

@@ -580,3 +580,37 @@ def _temp_beside(path: Path) -> Path:
 def _temp_beside_key(path: str) -> str:
     folder, _, name = path.rpartition("/")
     return f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.part"
+
+
+# ----------------------------------------------------------------------------------- folders
+
+
+def push_folder(store: ArtifactStore, local: Path, key: str) -> int:
+    """Copy each file directly in the folder `local` to `key/<name>`, for files a job writes
+    as it runs (its TensorBoard events); nothing to do when `local` is that folder of the
+    store already. Returns how many files were copied."""
+    local = Path(local)
+    target = store.local_path(key)
+    if not local.is_dir() or (target is not None and _same_file(local, target)):
+        return 0
+    files = [p for p in sorted(local.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    for path in files:
+        store.put(path, f"{key}/{path.name}")
+    return len(files)
+
+
+def pull_folder(store: ArtifactStore, key: str, local: Path) -> int:
+    """The reverse of push_folder: each file under `key` the folder `local` lacks, or has
+    at another size. Returns how many files were fetched."""
+    local = Path(local)
+    source = store.local_path(key)
+    if source is not None and _same_file(source, local):
+        return 0
+    fetched = 0
+    for name, size in store.files(key).items():
+        path = local / name
+        if name.startswith(".") or (path.is_file() and path.stat().st_size == size):
+            continue
+        store.get(f"{key}/{name}", path)
+        fetched += 1
+    return fetched

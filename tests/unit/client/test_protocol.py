@@ -470,3 +470,38 @@ def test_the_async_methods_give_awaitables_and_async_iterators():
                     await pending
 
     asyncio.run(scenario())
+
+
+def _tar(entries: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+def test_a_sent_tar_is_unpacked_into_a_folder_and_a_busy_folder_gets_a_new_one(tmp_path):
+    sent = _tar({"saved_model.pb": b"graph", "variables/variables.index": b"index"})
+    fresh = protocol.Unpacked(tmp_path / "serving" / "1")
+    fresh.write("seed.saved_model.tar", sent[:100])
+    fresh.write("seed.saved_model.tar", sent[100:])
+    assert fresh.keep("job") == tmp_path / "serving" / "1"
+    assert (tmp_path / "serving" / "1" / "variables" / "variables.index").read_bytes() == b"index"
+    assert sorted(p.name for p in (tmp_path / "serving").iterdir()) == ["1"]  # nothing left
+    busy = protocol.Unpacked(tmp_path / "serving")
+    busy.write("seed.saved_model.tar", sent)
+    assert busy.keep("job") == tmp_path / "serving" / "seed.saved_model"
+
+
+def test_a_tar_reaching_outside_its_folder_is_refused(tmp_path):
+    out = protocol.Unpacked(tmp_path / "runs")
+    out.write("x.tensorboard.tar", _tar({"../escaped": b"x"}))
+    with pytest.raises(RuntimeError, match="unsafe entry"):
+        out.keep("job")
+    out.discard()
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stepstream.kernel import names
 from stepstream.kernel.spec import JobSpec
 from stepstream_service.engine import footprint as fp
 from stepstream_service.errors import DatasetInvalid
@@ -91,6 +92,105 @@ SPECS = {
             ],
         },
     },
+    "layers-attention-graph": {
+        "dataset": {"name": "synthetic_sequence", "num_samples": 50, "vocab_size": 30},
+        "model": {
+            "architecture": "layers",
+            "layers": [
+                {"type": "embedding", "output_dim": 8, "positional": True, "name": "tokens"},
+                {"type": "dense", "units": 6, "name": "memory"},
+                {
+                    "type": "multi_head_attention",
+                    "num_heads": 2,
+                    "key_dim": 3,
+                    "name": "self",
+                    "inputs": ["tokens"],
+                },
+                {"type": "add", "inputs": ["tokens", "self"]},
+                {"type": "layer_normalization", "name": "normed"},
+                {
+                    "type": "multi_head_attention",
+                    "num_heads": 3,
+                    "key_dim": 2,
+                    "dropout": 0.1,
+                    "inputs": ["normed", "memory", "tokens"],
+                },
+                {"type": "global_average_pool1d"},
+                {"type": "dense", "units": 4},
+            ],
+        },
+    },
+    "layers-sequence-graph": {
+        "dataset": {
+            "name": "synthetic_sequence",
+            "num_samples": 50,
+            "vocab_size": 20,
+            "sequence_length": 12,
+        },
+        "model": {
+            "architecture": "layers",
+            "output": "scaled",
+            "layers": [
+                {"type": "embedding", "output_dim": 5},
+                {"type": "conv1d", "filters": 6, "padding": "causal", "name": "c"},
+                {
+                    "type": "separable_conv1d",
+                    "filters": 5,
+                    "depth_multiplier": 2,
+                    "padding": "same",
+                },
+                {"type": "depthwise_conv1d", "depth_multiplier": 2, "strides": 2},
+                {"type": "max_pool1d", "padding": "same"},
+                {"type": "upsampling1d", "size": 3},
+                {"type": "average_pool1d", "pool_size": 3},
+                {"type": "simple_rnn", "units": 4},
+                {"type": "position_embedding"},
+                {"type": "bidirectional", "cell": "gru", "units": 3, "merge_mode": "sum"},
+                {"type": "bidirectional", "units": 4, "name": "b"},
+                {"type": "global_max_pool1d", "inputs": ["c"], "name": "g"},
+                {"type": "concatenate", "inputs": ["b", "g"], "name": "joined"},
+                {"type": "dense", "units": 14, "name": "gate"},
+                {"type": "multiply", "inputs": ["joined", "gate"]},
+                {"type": "group_normalization", "groups": 7},
+                {"type": "reshape", "target_shape": [2, -1]},
+                {"type": "activation", "activation": "tanh"},
+                {"type": "rescaling", "scale": 0.5, "name": "scaled"},
+            ],
+        },
+    },
+    "layers-image-graph": {
+        "dataset": {"name": "synthetic_images", "num_samples": 50, "image_size": 12, "channels": 3},
+        "model": {
+            "architecture": "layers",
+            "layers": [
+                {"type": "random_flip", "mode": "horizontal"},
+                {"type": "random_rotation", "factor": 0.1},
+                {"type": "random_zoom", "factor": 0.1},
+                {"type": "random_contrast", "factor": 0.2},
+                {"type": "random_crop", "height": 10, "width": 9},
+                {"type": "rescaling", "scale": 2.0, "offset": -1.0},
+                {"type": "conv2d", "filters": 4, "name": "a"},
+                {
+                    "type": "separable_conv2d",
+                    "filters": 4,
+                    "depth_multiplier": 2,
+                    "padding": "same",
+                },
+                {"type": "depthwise_conv2d", "padding": "same", "name": "d"},
+                {"type": "add", "inputs": ["a", "d"], "name": "sum"},
+                {"type": "average_pool2d"},
+                {"type": "upsampling2d", "interpolation": "bilinear"},
+                {"type": "conv2d_transpose", "filters": 3, "strides": 2},
+                {"type": "conv2d_transpose", "filters": 2, "kernel_size": 2, "padding": "same"},
+                {"type": "global_average_pool2d", "name": "g1"},
+                {"type": "global_max_pool2d", "inputs": ["sum"], "name": "g2"},
+                {"type": "concatenate", "inputs": ["g1", "g2"]},
+                {"type": "reshape", "target_shape": [3, 2]},
+                {"type": "flatten"},
+                {"type": "dense", "units": 3},
+            ],
+        },
+    },
     "linear-regression": {"dataset": {"name": "linear"}, "model": "linear", "loss": "mse"},
     "binary": {
         "dataset": {"name": "synthetic_classification", "num_classes": 2},
@@ -107,6 +207,24 @@ def test_the_parameter_count_is_the_one_keras_builds(name):
     spec = JobSpec.parse(SPECS[name])
     model = models.build(spec, datasets.load(spec, datasets.DataPaths(download=False)))
     assert fp.estimate(spec).params == model.count_params()
+
+
+def test_the_parameter_counts_cover_every_layer():
+    layers = [
+        layer["type"]
+        for spec in SPECS.values()
+        if isinstance(spec["model"], dict)
+        for layer in spec["model"].get("layers", [])
+    ]
+    assert set(layers) == set(names.LAYERS)
+
+
+def test_the_activations_grow_with_an_attention_layer():
+    spec = SPECS["layers-attention-graph"]
+    fewer = {**spec["model"], "layers": spec["model"]["layers"][:2]}  # embedding, dense
+    small = fp.estimate(JobSpec.parse({**spec, "model": fewer}))
+    full = fp.estimate(JobSpec.parse(spec))
+    assert full.activations > small.activations and full.params > small.params
 
 
 @pytest.mark.parametrize(
@@ -343,3 +461,27 @@ def test_a_gpu_worker_registers_its_device_memory(tmp_path, monkeypatch):
     assert fp.gpu_memory() is None
     host = fp.worker_memory(gpus=1)  # then the host's, which moves as this process runs
     assert abs(host - fp.capacity().capacity) < 256 * 2**20
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_file_read_whole_counts_its_rows_and_a_streamed_one_its_buffer(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((60_000, 9)).astype(np.float32)
+    file = tmp_path / f"d.{fmt}"
+    if fmt == "csv":
+        np.savetxt(file, x, fmt="%.3f", delimiter=",", header=",".join("abcdefghy"), comments="")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({c: x[:, i] for i, c in enumerate("abcdefghy")}), file)
+
+    def data(stream: bool) -> int:
+        ds = {"name": fmt, "path": f"uploads/d.{fmt}", "label": "y", "stream": stream}
+        spec = JobSpec.model_validate({"dataset": ds, "model": {"architecture": "mlp"}})
+        return fp.estimate(spec, None, file).data
+
+    whole, streamed = data(False), data(True)
+    # Read whole: at least the inputs as float32 (60,000 rows of 8); streamed: the buffer.
+    assert whole >= 60_000 * 8 * 4 > streamed
+    assert streamed < (10_000 + 4 * 32) * 10 * 4 * 3

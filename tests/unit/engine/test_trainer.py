@@ -114,6 +114,10 @@ def test_exponential_decay_rates_are_the_ones_used(tmp_path):
 
 IMAGES = {"name": "synthetic_images", "num_samples": 64, "image_size": 8}
 SEQUENCES = {"name": "synthetic_sequence", "num_samples": 64, "sequence_length": 6}
+TWO_BRANCHES = [
+    {"type": "dense", "units": 4, "name": "a"},
+    {"type": "dense", "units": 4, "name": "b", "inputs": ["input"]},
+]
 LAYER_CASES = {
     "batch_normalization": (IMAGES, [{"type": "flatten"}, {"type": "batch_normalization"}]),
     "conv2d": (IMAGES, [{"type": "conv2d", "filters": 4}]),
@@ -128,6 +132,59 @@ LAYER_CASES = {
     "lstm": (SEQUENCES, [{"type": "lstm", "units": 4}]),
     "max_pool2d": (IMAGES, [{"type": "conv2d", "filters": 4}, {"type": "max_pool2d"}]),
     "simple_rnn": (SEQUENCES, [{"type": "simple_rnn", "units": 4}]),
+    # Each added layer in the smallest model that reads what it needs.
+    "activation": (
+        CLASSES,
+        [{"type": "dense", "units": 5}, {"type": "activation", "activation": "tanh"}],
+    ),
+    "add": (CLASSES, [*TWO_BRANCHES, {"type": "add", "inputs": ["a", "b"]}]),
+    "average_pool1d": (SEQUENCES, [{"type": "average_pool1d"}]),
+    "average_pool2d": (IMAGES, [{"type": "average_pool2d", "padding": "same"}]),
+    "bidirectional": (SEQUENCES, [{"type": "bidirectional", "cell": "gru", "units": 3}]),
+    "concatenate": (CLASSES, [*TWO_BRANCHES, {"type": "concatenate", "inputs": ["a", "b"]}]),
+    "conv1d": (SEQUENCES, [{"type": "conv1d", "filters": 4, "padding": "causal"}]),
+    "conv2d_transpose": (IMAGES, [{"type": "conv2d_transpose", "filters": 3, "strides": 2}]),
+    "depthwise_conv1d": (SEQUENCES, [{"type": "depthwise_conv1d", "depth_multiplier": 2}]),
+    "depthwise_conv2d": (IMAGES, [{"type": "depthwise_conv2d"}]),
+    "global_average_pool1d": (SEQUENCES, [{"type": "global_average_pool1d"}]),
+    "global_average_pool2d": (IMAGES, [{"type": "global_average_pool2d"}]),
+    "global_max_pool1d": (SEQUENCES, [{"type": "global_max_pool1d"}]),
+    "global_max_pool2d": (IMAGES, [{"type": "global_max_pool2d"}]),
+    "group_normalization": (
+        IMAGES,
+        [{"type": "conv2d", "filters": 4}, {"type": "group_normalization", "groups": 2}],
+    ),
+    "layer_normalization": (
+        CLASSES,
+        [{"type": "dense", "units": 5}, {"type": "layer_normalization"}],
+    ),
+    "max_pool1d": (SEQUENCES, [{"type": "max_pool1d"}]),
+    "multi_head_attention": (
+        {**SEQUENCES, "vocab_size": 12},
+        [
+            {"type": "embedding", "output_dim": 8, "positional": True},
+            {"type": "multi_head_attention", "num_heads": 2, "key_dim": 4, "dropout": 0.1},
+        ],
+    ),
+    "multiply": (CLASSES, [*TWO_BRANCHES, {"type": "multiply", "inputs": ["a", "b"]}]),
+    "position_embedding": (
+        SEQUENCES,
+        [{"type": "dense", "units": 4}, {"type": "position_embedding"}],
+    ),
+    "random_contrast": (IMAGES, [{"type": "random_contrast", "factor": 0.2}]),
+    "random_crop": (IMAGES, [{"type": "random_crop", "height": 6, "width": 5}]),
+    "random_flip": (IMAGES, [{"type": "random_flip"}]),
+    "random_rotation": (IMAGES, [{"type": "random_rotation", "factor": 0.1}]),
+    "random_zoom": (IMAGES, [{"type": "random_zoom", "factor": 0.2}]),
+    "rescaling": (IMAGES, [{"type": "rescaling", "scale": 2.0, "offset": -1.0}]),
+    "reshape": (
+        IMAGES,
+        [{"type": "reshape", "target_shape": [16, -1]}, {"type": "conv1d", "filters": 2}],
+    ),
+    "separable_conv1d": (SEQUENCES, [{"type": "separable_conv1d", "filters": 4}]),
+    "separable_conv2d": (IMAGES, [{"type": "separable_conv2d", "filters": 4}]),
+    "upsampling1d": (SEQUENCES, [{"type": "upsampling1d"}]),
+    "upsampling2d": (IMAGES, [{"type": "upsampling2d", "interpolation": "bilinear"}]),
 }
 
 

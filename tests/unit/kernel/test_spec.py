@@ -15,7 +15,12 @@ MNIST_MLP = {"dataset": "mnist", "model": "mlp"}
 # (case id, spec, the field the error must name, a phrase the message must contain)
 BAD_SPECS = [
     ("unknown-top-field", {"epochz": 3}, "epochz", "unknown field"),
-    ("unknown-architecture", {"model": "transformer"}, "model", "cnn, layers, linear, mlp, rnn"),
+    (
+        "unknown-architecture",
+        {"model": "transformer"},
+        "model",
+        "backbone, cnn, keras, layers, linear, mlp, rnn",
+    ),
     (
         "hidden-units-zero",
         {"model": {"architecture": "mlp", "hidden_units": [0]}},
@@ -166,6 +171,234 @@ BAD_SPECS = [
         },
         "model.layers.1.type",
         "first layer",
+    ),
+    (
+        "graph-unknown-input",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [{"type": "dense", "units": 3, "inputs": ["x"]}],
+            }
+        },
+        "model.layers.0.inputs",
+        "no earlier layer is named 'x'",
+    ),
+    (
+        "graph-forward-reference",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "dense", "units": 3, "name": "a", "inputs": ["b"]},
+                    {"type": "dense", "units": 3, "name": "b", "inputs": ["a"]},
+                ],
+            }
+        },
+        "model.layers.0.inputs",
+        "after this one",
+    ),
+    (
+        "graph-self-reference",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "dense", "units": 3, "name": "a", "inputs": ["a"]},
+                ],
+            }
+        },
+        "model.layers.0.inputs",
+        "its own output",
+    ),
+    (
+        "graph-duplicate-name",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "dense", "units": 3, "name": "a"},
+                    {"type": "dense", "units": 3, "name": "a"},
+                ],
+            }
+        },
+        "model.layers.1.name",
+        "already names layers.0",
+    ),
+    (
+        "graph-merge-of-one",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "dense", "units": 3},
+                    {"type": "add"},
+                ],
+            }
+        },
+        "model.layers.1.inputs",
+        "two or more inputs",
+    ),
+    (
+        "graph-two-inputs-to-dense",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "dense", "units": 3, "name": "a"},
+                    {"type": "dense", "units": 3, "inputs": ["a", "input"]},
+                ],
+            }
+        },
+        "model.layers.1.inputs",
+        "merge them first",
+    ),
+    (
+        "graph-dangling-branch",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "dense", "units": 3},
+                    {"type": "dense", "units": 3, "inputs": ["input"]},
+                ],
+            }
+        },
+        "model.layers.0",
+        "nothing reads",
+    ),
+    (
+        "graph-unknown-output",
+        {
+            "model": {
+                "architecture": "layers",
+                "output": "z",
+                "layers": [{"type": "dense", "units": 3}],
+            }
+        },
+        "model.output",
+        "no layer is named 'z'",
+    ),
+    (
+        "graph-input-is-reserved",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [{"type": "dense", "units": 3, "name": "input"}],
+            }
+        },
+        "model.layers.0.name",
+        "model's input",
+    ),
+    (
+        "attention-without-heads",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [{"type": "multi_head_attention", "key_dim": 4}],
+            }
+        },
+        "model.layers.0.num_heads",
+        "needs num_heads",
+    ),
+    (
+        "attention-on-flat-features",
+        {
+            "dataset": "synthetic_classification",
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "multi_head_attention", "num_heads": 2, "key_dim": 4},
+                ],
+            },
+        },
+        "model.layers.0.type",
+        "needs sequences",
+    ),
+    (
+        "conv1d-on-images",
+        {
+            "dataset": "mnist",
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "conv1d", "filters": 4},
+                ],
+            },
+        },
+        "model.layers.0.type",
+        "needs sequence input",
+    ),
+    (
+        "lstm-on-token-ids",
+        {
+            "dataset": {"name": "synthetic_sequence", "vocab_size": 9},
+            "model": {
+                "architecture": "layers",
+                "layers": [{"type": "lstm", "units": 4}],
+            },
+        },
+        "model.layers.0.type",
+        "an embedding turns them into a sequence",
+    ),
+    (
+        "image-layer-after-global-pool",
+        {
+            "dataset": "mnist",
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "global_average_pool2d"},
+                    {"type": "random_flip"},
+                ],
+            },
+        },
+        "model.layers.1.type",
+        "image-shaped",
+    ),
+    (
+        "merge-of-two-ranks",
+        {
+            "dataset": "mnist",
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "flatten", "name": "flat"},
+                    {"type": "add", "inputs": ["flat", "input"]},
+                ],
+            },
+        },
+        "model.layers.1.inputs",
+        "one rank",
+    ),
+    (
+        "causal-padding-on-conv2d",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [
+                    {"type": "conv2d", "filters": 2, "padding": "causal"},
+                ],
+            }
+        },
+        "model.layers.0.padding",
+        "causal padding is for conv1d",
+    ),
+    (
+        "reshape-with-two-wildcards",
+        {
+            "model": {
+                "architecture": "layers",
+                "layers": [{"type": "reshape", "target_shape": [-1, -1]}],
+            }
+        },
+        "model.layers.0.target_shape",
+        "at most one",
+    ),
+    (
+        "random-zoom-factor-too-big",
+        {"model": {"architecture": "layers", "layers": [{"type": "random_zoom", "factor": 2}]}},
+        "model.layers.0.factor",
+        "less than or equal to 1",
     ),
     (
         "flatten-for-cnn",
@@ -363,6 +596,7 @@ def test_regression_datasets_get_regression_defaults():
         ("kld", "kl_divergence"),
         ("kullback_leibler_divergence", "kl_divergence"),
         ("cosine_proximity", "cosine_similarity"),
+        ("cosine", "cosine_similarity"),
         ("logcosh", "log_cosh"),
         ("MAE", "mean_absolute_error"),
         ("Mean-Squared-Error", "mean_squared_error"),
@@ -513,3 +747,57 @@ def test_an_unknown_name_is_never_echoed_whole():
     with pytest.raises(SpecError) as caught:
         JobSpec.parse({"loss": "x" * 100_000})
     assert "(100000 characters)" in str(caught.value) and len(str(caught.value)) < 2000
+
+
+ATTENTION_GRAPH = {
+    "dataset": {"name": "synthetic_sequence", "vocab_size": 20},
+    "model": {
+        "architecture": "layers",
+        "layers": [
+            {"type": "embedding", "output_dim": 8, "positional": True, "name": "tokens"},
+            {"type": "multi_head_attention", "num_heads": 2, "key_dim": 4, "name": "attended"},
+            {"type": "add", "inputs": ["tokens", "attended"]},
+            {"type": "layer_normalization"},
+            {"type": "global_average_pool1d"},
+        ],
+    },
+}
+
+
+def test_a_graph_resolves_its_inputs_and_a_stack_reads_the_layer_before():
+    model = JobSpec.parse(ATTENTION_GRAPH).model
+    assert model.sources() == [[-1], [0], [0, 1], [2], [3]]
+    assert model.output_index == 4
+    stack = JobSpec.parse(
+        {"model": {"architecture": "layers", "layers": [{"type": "dense", "units": 3}] * 3}}
+    ).model
+    assert stack.sources() == [[-1], [0], [1]]
+
+
+def test_output_names_the_layer_that_feeds_the_head():
+    spec = {
+        **ATTENTION_GRAPH,
+        "model": {**ATTENTION_GRAPH["model"], "output": "tokens"},
+    }
+    spec["model"]["layers"] = [*ATTENTION_GRAPH["model"]["layers"][:2]]
+    spec["model"]["layers"][1] = {**spec["model"]["layers"][1], "inputs": ["tokens"]}
+    with pytest.raises(SpecError, match=r"model\.layers\.1: nothing reads"):
+        JobSpec.parse(spec)
+    spec["model"]["output"] = "attended"
+    assert JobSpec.parse(spec).model.output_index == 1
+
+
+def test_recurrent_layers_return_sequences_when_a_sequence_reader_follows():
+    layers = [
+        {"type": "embedding", "output_dim": 4},
+        {"type": "lstm", "units": 4},
+        {"type": "dropout", "rate": 0.1},  # keeps the shape: the gru after it decides
+        {"type": "gru", "units": 4},
+        {"type": "dense", "units": 4},
+        {"type": "simple_rnn", "units": 3, "return_sequences": True},  # said: kept
+    ]
+    layers.insert(5, {"type": "reshape", "target_shape": [4, 1]})
+    spec = {"dataset": {"name": "synthetic_sequence", "vocab_size": 9}}
+    model = JobSpec.parse({**spec, "model": {"architecture": "layers", "layers": layers}}).model
+    said = model.returns_sequences()
+    assert [said[i] for i in (1, 3, 6)] == [True, False, True]

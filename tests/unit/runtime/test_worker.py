@@ -188,3 +188,25 @@ def test_each_attempt_says_where_it_starts(store, tmp_path):
     assert worker._attempt(job, workdir) == (
         "attempt 2 on worker w1, starting from step 0 (no intact checkpoint)"
     )
+
+
+def test_a_failed_jobs_tensorboard_files_reach_a_remote_artifact_store(store, tmp_path):
+    """Whatever the run wrote is stored however it ended; here its loss became NaN."""
+    from stepstream_service.store.artifacts import ArtifactStore
+
+    artifacts = ArtifactStore(f"memory://tb-{tmp_path.name}")
+    spec = {
+        "dataset": {"name": "linear", "noise": 10.0},
+        "model": "linear",
+        "optimizer": {"name": "sgd", "learning_rate": 1e6},
+        "training": {"steps": 200, "batch_size": 100},
+    }
+    store.create_job(NewJob(name="nan", spec=spec))
+    job = store.claim("w1", 30.0)
+    settings = Settings(data_dir=tmp_path / "data", heartbeat_seconds=60)
+    worker = Worker(settings, store, "w1", artifacts=artifacts, devices=["CPU:0"])
+    worker.run_job(job)
+    assert store.get_job(job.id).error_reason == "non_finite_loss"
+    stored = artifacts.files(f"jobs/{job.id}/tensorboard")
+    assert any(name.startswith("events.out.tfevents.1") for name in stored), stored
+    assert all(size > 0 for size in stored.values())

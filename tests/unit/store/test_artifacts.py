@@ -491,3 +491,26 @@ def test_a_save_cut_short_is_cleared_at_the_next_checkpoint(tmp_path: Path) -> N
     assert CheckpointScan(folder).newest_intact() == 20  # never taken for a checkpoint
     fake_checkpoint(tmp_path / "w", 30)
     assert not (folder / "step-000000030.partial.keras").exists()
+
+
+def test_a_folder_goes_to_the_store_and_back_to_another_machine(
+    make_store: MakeStore, tmp_path: Path
+) -> None:
+    here = tmp_path / "a" / "tensorboard"
+    write_bytes(here / "events.out.tfevents.1.host", b"steps")
+    write_bytes(here / "events.out.tfevents.0.graph", b"graph")
+    write_bytes(here / ".events.out.tfevents.1.host.partial", b"half")  # being replaced
+    store = make_store()
+    assert artifacts.push_folder(store, here, "jobs/j/tensorboard") == 2
+    there = tmp_path / "b" / "tensorboard"
+    other = make_store("b")
+    assert artifacts.pull_folder(other, "jobs/j/tensorboard", there) == 2
+    assert sorted(p.name for p in there.iterdir()) == sorted(
+        ["events.out.tfevents.1.host", "events.out.tfevents.0.graph"]
+    )
+    assert (there / "events.out.tfevents.1.host").read_bytes() == b"steps"
+    assert artifacts.pull_folder(other, "jobs/j/tensorboard", there) == 0  # nothing new
+    # The store's own folder (the default layout): nothing to copy either way.
+    home = store.local_path("jobs/j/tensorboard")
+    if home is not None:
+        assert artifacts.push_folder(store, home, "jobs/j/tensorboard") == 0

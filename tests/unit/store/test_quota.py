@@ -55,3 +55,15 @@ def test_without_authentication_uploads_are_in_the_uploads_folder(store, tmp_pat
     artifacts.put(upload, "uploads/u.npz")
     artifacts.put(upload, "uploads/team-a/u.npz")  # a tenant's, from a server with tokens
     assert stored_bytes(store, artifacts, None) == 50
+
+
+@pytest.mark.parametrize("same_folder", [False, True])
+def test_an_upload_cut_off_part_way_counts_once(store, tmp_path, same_folder):
+    data_dir = tmp_path / "data"
+    artifacts = ArtifactStore(data_dir if same_folder else tmp_path / "artifacts")
+    before = stored_bytes(store, artifacts, "team-a", data_dir)
+    folder = data_dir / uploads_prefix("team-a")
+    folder.mkdir(parents=True)
+    (folder / ".big.csv.0123456789abcdef.9000.resumable").write_bytes(b"x" * 700)
+    assert stored_bytes(store, artifacts, "team-a", data_dir) == before + 700
+    assert stored_bytes(store, artifacts, "team-b", data_dir) == 0

@@ -39,3 +39,26 @@ def test_trainer_prune_needs_a_rule(capsys):
 
     assert main(["prune"]) == 2
     assert "--older-than-days" in capsys.readouterr().err
+
+
+def test_uploads_cut_off_part_way_go_once_past_resuming(tmp_path):
+    import os
+    import time
+
+    from stepstream_service.store.retention import sweep_partial_uploads
+
+    settings = Settings(data_dir=tmp_path, upload_resume_hours=2)
+    folder = tmp_path / "uploads" / "team-a"
+    folder.mkdir(parents=True)
+    old, fresh, kept = (
+        folder / ".old.csv.0123456789abcdef.900.resumable",
+        folder / ".fresh.csv.0123456789abcdef.900.resumable",
+        folder / "done.csv",
+    )
+    for path in (old, fresh, kept):
+        path.write_bytes(b"x" * 100)
+    three_hours_ago = time.time() - 3 * 3600
+    os.utime(old, (three_hours_ago, three_hours_ago))
+    os.utime(kept, (three_hours_ago, three_hours_ago))
+    assert sweep_partial_uploads(settings) == [old]
+    assert not old.exists() and fresh.exists() and kept.exists()
