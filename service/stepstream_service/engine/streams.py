@@ -166,22 +166,22 @@ def _model_input(spec: JobSpec, kind: str, example: tuple[int, ...]) -> tuple[in
 # ---------------------------------------------------------------- tables (CSV, Parquet)
 
 
+def _files(ds: DatasetSpec, paths) -> tuple:
+    """The training files, and the validation and test files when the spec names them (None
+    otherwise; test files only when the job evaluates on them)."""
+    val, test = ds.validation_path, ds.test_path if ds.evaluate_on_test else None
+    return (
+        sources.resolve(ds.path, "path", paths),
+        sources.resolve(val, "validation_path", paths) if val else None,
+        sources.resolve(test, "test_path", paths) if test else None,
+    )
+
+
 def _table_stream(spec: JobSpec, paths, fmt: str) -> tuple[Stream | None, object]:
     ds = spec.dataset
-    train_files = sources.resolve(ds.path, "path", paths)
+    files = _files(ds, paths)
     split = ds.validation_split if not ds.validation_path else 0.0
-    t = tables.table(ds, fmt, train_files, held_out(split))
-    val_files = (
-        sources.resolve(ds.validation_path, "validation_path", paths)
-        if ds.validation_path
-        else None
-    )
-    test_files = (
-        sources.resolve(ds.test_path, "test_path", paths)
-        if ds.test_path and ds.evaluate_on_test
-        else None
-    )
-    return t, (train_files, val_files, test_files)
+    return tables.table(ds, fmt, files[0], held_out(split)), files
 
 
 def _table_blocks(
@@ -332,17 +332,7 @@ def load_tfrecord(spec: JobSpec, paths):
     label_units = math.prod(fs[label].shape)
     task = ds.task or ("regression" if fs[label].dtype == "float32" else "classification")
     split = ds.validation_split if not ds.validation_path else 0.0
-    train = sources.resolve(ds.path, "path", paths)
-    val = (
-        sources.resolve(ds.validation_path, "validation_path", paths)
-        if ds.validation_path
-        else None
-    )
-    test = (
-        sources.resolve(ds.test_path, "test_path", paths)
-        if ds.test_path and ds.evaluate_on_test
-        else None
-    )
+    train, val, test = _files(ds, paths)
 
     def parse(serialized):
         got = tf.io.parse_example(serialized, described)
