@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image for every role; its entrypoint is the `trainer` command line:
 #   serve (the default), worker, migrate, health, and every client command.
 #
@@ -8,12 +7,20 @@
 #
 # The GPU variant needs the NVIDIA Container Toolkit on the host (`docker run --gpus all`);
 # its CUDA libraries come from pip wheels, so both variants share one small base.
-# deploy/compose.yaml runs the whole scale-out stack from this image.
+# deploy/compose.yaml runs the whole scale-out stack from this image; scripts/test-image
+# builds and runs it (on a base made locally, where no registry can be reached).
+#
+# No `# syntax=` line: the builder's own Dockerfile frontend is enough, and it needs no pull.
+
+# The base, pinned by digest so that a rebuild gets the same bytes. To move it to a newer
+# release: docker buildx imagetools inspect python:3.11-slim-bookworm, and take its digest.
+# Any Debian bookworm image whose `python` is Python 3.11 with venv works (--build-arg BASE=).
+ARG BASE=python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
 # ---------------------------------------------------------------------------------------------
 # builder: a virtual environment in /opt/venv with the project installed (not editable).
 # Every dependency ships wheels, so no compiler or -dev package is needed here.
-FROM python:3.11-slim-bookworm AS builder
+FROM ${BASE} AS builder
 
 # cpu: the `service` and `s3` extras. gpu: the same plus `gpu` (TensorFlow with CUDA wheels).
 ARG VARIANT=cpu
@@ -60,7 +67,7 @@ RUN pip install --no-cache-dir --no-deps . \
 # ---------------------------------------------------------------------------------------------
 # datasets: Debian's Fashion-MNIST (30 MB in /usr/share/datasets/fashion-mnist), where the
 # service looks before any download. FASHION_MNIST=0 leaves it out.
-FROM python:3.11-slim-bookworm AS datasets
+FROM ${BASE} AS datasets
 
 ARG FASHION_MNIST=1
 
@@ -74,17 +81,31 @@ RUN mkdir -p /usr/share/datasets \
 
 # ---------------------------------------------------------------------------------------------
 # The image: the base, the virtual environment, the datasets. No apt here.
-FROM python:3.11-slim-bookworm
+FROM ${BASE}
 
+ARG BASE
 ARG VARIANT=cpu
+# Given by whoever builds (scripts/test-image passes the checkout's): what code this is.
+ARG VERSION=unknown
+ARG REVISION=unknown
+ARG SOURCE=unknown
+ARG CREATED=unknown
 
 LABEL org.opencontainers.image.title="trainer" \
       org.opencontainers.image.description="gRPC model-training service (TensorFlow/Keras)" \
       org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.base.name="${BASE}" \
       io.trainer.variant="${VARIANT}"
 
 # The server and the workers listen on every interface of the container (gRPC, metrics);
 # jobs, the SQLite store (when no TRAINER_STORE is given) and artifacts live under /data.
+# Listening beyond loopback needs authentication (TRAINER_TOKENS_FILE or TRAINER_TLS_CLIENT_CA)
+# or TRAINER_INSECURE=1 said out loud: without either the server refuses to start.
+# TRAINER_SERVE_FILE is where the server writes the address it listens on, for the health check.
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -93,7 +114,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TF_CPP_MIN_LOG_LEVEL=2 \
     TRAINER_VARIANT=${VARIANT} \
     TRAINER_HOST=0.0.0.0 \
-    TRAINER_DATA_DIR=/data
+    TRAINER_DATA_DIR=/data \
+    TRAINER_SERVE_FILE=/tmp/trainer-serve.json
 
 # A fixed non-root user. /data/artifacts exists in the image, owned by that user, so a fresh
 # named volume mounted there (compose's shared artifacts) starts with the same owner.
@@ -114,8 +136,10 @@ VOLUME ["/data"]
 EXPOSE 50051 9464
 
 # For the server (the default command); compose overrides it for workers and migrations.
+# It asks the server at the port it was given, from the container's own address: a server
+# that only loopback reaches is not healthy, since nothing outside the container reaches it.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \
-    CMD ["trainer", "health", "--address", "127.0.0.1:50051"]
+    CMD ["trainer", "health", "--serve-file", "/tmp/trainer-serve.json"]
 
 ENTRYPOINT ["trainer"]
 CMD ["serve", "--host", "0.0.0.0"]

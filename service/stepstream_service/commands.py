@@ -26,6 +26,7 @@ examples:
   trainer serve                                    SQLite in trainer-data/, one CPU worker
   trainer serve --workers 2 --gpus none --port 50051 --metrics-port 9464
   trainer serve --store postgresql://trainer@db/trainer --workers 0   an API replica
+  TRAINER_TOKENS_FILE=tokens trainer serve --host 0.0.0.0   reachable from other machines
 """,
     "worker": """\
 examples:
@@ -59,6 +60,13 @@ def register(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--metrics-port", type=int, default=None)
     p.add_argument("--metrics-host", default=None, help="where the metrics port listens")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="with no tokens file and no client CA, listen on a --host that is not loopback "
+        "anyway: anyone who can reach the port may use it (or TRAINER_INSECURE=1)",
+    )
     _store_flags(p)
     p = command("worker", _worker, "run this machine's workers against a shared store", False)
     _store_flags(p)
@@ -130,6 +138,7 @@ _SERVICE_FLAGS = (
     "host",
     "metrics_host",
     "artifacts",
+    "insecure",
 )
 
 
@@ -140,7 +149,7 @@ def _until_signalled() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from stepstream_service.runtime.server import Server
+    from stepstream_service.runtime.server import InsecureListen, NoGPUs, Server
     from stepstream_service.store.schema import SchemaError
 
     settings = _service_settings(args)
@@ -150,6 +159,9 @@ def _serve(args: argparse.Namespace) -> int:
     except SchemaError as exc:
         print(f"trainer serve: {exc}", file=sys.stderr)
         return 5
+    except (InsecureListen, NoGPUs) as exc:
+        print(f"trainer serve: {exc}", file=sys.stderr)
+        return 2
     server.start()
     workers = len(server.supervisor.slots) if server.supervisor else 0
     store = _safe(settings.store_url)
@@ -166,24 +178,27 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     """Workers on this machine joining the pool of a shared store: one per GPU, or N."""
-    from stepstream_service.runtime.server import Supervisor, metrics_server
+    from prometheus_client import CollectorRegistry
+
+    from stepstream_service.runtime.metrics import WorkerHostMetrics
+    from stepstream_service.runtime.server import NoGPUs, Supervisor, metrics_server
     from stepstream_service.store import Store
     from stepstream_service.store.schema import SchemaError
 
     settings = _service_settings(args)
     logging.getLogger().setLevel(logging.INFO)
+    registry = CollectorRegistry()
+    try:  # before anything is created: `--gpus all` with no GPU is an error
+        supervisor = Supervisor(settings, WorkerHostMetrics(registry))
+    except NoGPUs as exc:
+        print(f"trainer worker: {exc}", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         Store(settings.store_url).close()  # refuse a schema this version does not know, now
     except SchemaError as exc:
         print(f"trainer worker: {exc}", file=sys.stderr)
         return 5
-    from prometheus_client import CollectorRegistry
-
-    from stepstream_service.runtime.metrics import WorkerHostMetrics
-
-    registry = CollectorRegistry()
-    supervisor = Supervisor(settings, WorkerHostMetrics(registry))
     http = None
     if args.metrics_port is not None:
         http = metrics_server(settings, registry, port=args.metrics_port)
@@ -229,14 +244,13 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    import sqlalchemy as sa
-
-    from stepstream_service.store import engine_url, schema
+    from stepstream_service.store import schema
+    from stepstream_service.store.database import make_engine
 
     settings = _service_settings(args)
     if settings.store is None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = sa.create_engine(engine_url(settings.store_url))
+    engine = make_engine(settings.store_url)
     try:
         before, after = schema.upgrade(engine)
     except schema.SchemaError as exc:
@@ -261,7 +275,12 @@ def _safe(url: str) -> str:
 
 def _store_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="CPU workers when no GPU is used")
-    p.add_argument("--gpus", default=None, help="all, none, or a list like 0,1")
+    p.add_argument(
+        "--gpus",
+        default=None,
+        help="all (required: no GPU is an error), auto (GPUs if any, else CPU workers), none, "
+        "or a list like 0,1 (default none, or TRAINER_GPUS)",
+    )
     p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
     p.add_argument("--data-dir", default=None)
     p.add_argument(

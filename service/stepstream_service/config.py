@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The exit status of a worker that retires after worker_max_jobs; its supervisor starts a fresh
@@ -24,7 +25,12 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_job_names: bool = True  # false: per-job series carry the job id only
     workers: int = 1
-    gpus: str = "none"  # all | none | 0,1
+    # all: GPUs are required (no GPU is an error, never CPU workers); auto: GPUs if any, else
+    # `workers` CPU workers with a warning; none; or a list like 0,1.
+    gpus: str = "none"
+    # TensorFlow's thread pools in each worker; unset: the CPUs this process may use, cgroup
+    # CPU quota included (a container's --cpus, a Kubernetes CPU limit), not the node's cores.
+    cpu_threads: int | None = Field(default=None, ge=1)
     store: str | None = None  # a SQLAlchemy URL; SQLite under data_dir when unset
     data_dir: Path = Path("trainer-data")
     # Models, checkpoints and uploads: any fsspec URL (s3://bucket/prefix); data_dir when unset.
@@ -53,9 +59,14 @@ class Settings(BaseSettings):
     # Where a GPU slot's lock lives: machine-wide, so two supervisors (one restarted after a
     # crash) never run two workers on one device; a CPU slot's lock is under data_dir.
     gpu_lock_dir: Path = Path(tempfile.gettempdir())
+    # Where `trainer serve` writes, once listening, its pid and the addresses it is on (JSON),
+    # removed when it stops: `trainer health --serve-file` checks the server that is running.
+    serve_file: Path | None = None
 
-    # Trust. Without tokens_file (or mTLS) the server listens on loopback only.
+    # Trust. Without tokens_file (or mTLS) the server listens on loopback only: a host that
+    # is not loopback is refused at start-up unless `insecure` says anyone may connect.
     tokens_file: Path | None = None  # `TENANT sha256:HEX` lines, or a folder of such files
+    insecure: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate it signed

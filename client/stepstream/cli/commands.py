@@ -260,30 +260,118 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 
 def _health(args: argparse.Namespace) -> int:
-    """Exit 0 when the server says SERVING (grpc.health.v1): for container health checks."""
+    """Exit 0 when the server says SERVING (grpc.health.v1): for container health checks.
+    With --serve-file, the server that wrote it, checked where others reach it."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from stepstream.connection import Credentials
 
-    with Credentials(**credentials(args)).channel(args.address) as channel:
+    address, served = args.address, {}
+    if args.serve_file is not None:
+        address, served = _served_address(args.serve_file)
+        if served["tls"] and not (args.tls or args.ca_cert):
+            args.tls = True
+    with Credentials(**credentials(args)).channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=5)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE and unreachable(exc.details() or ""):
-                print(no_server_hint(args.address, exc.details() or ""), file=sys.stderr)
+                print(no_server_hint(address, exc.details() or ""), file=sys.stderr)
             else:
-                print(f"{args.address}: {exc.code().name}", file=sys.stderr)
+                print(f"{address}: {exc.code().name}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if args.output == "table":
-        print(f"{args.address}: {status}")
+        print(f"{address}: {status}")
     else:
-        print(
-            dump({"address": args.address, "service": args.service, "status": status}, args.output)
-        )
+        record = {"address": address, "service": args.service, "status": status}
+        if served:
+            record.update(serve_file=args.serve_file, pid=served["pid"])
+        print(dump(record, args.output))
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+def _served_address(path: str) -> tuple[str, dict]:
+    """The address at which others reach the server that wrote `path` (`trainer serve` with
+    TRAINER_SERVE_FILE), and what it wrote. CliError (exit 1) when there is none, it is not
+    running, or it listens where nothing outside its machine can reach it."""
+    import ipaddress
+    import json
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        message = f"{path}: no server has started here (nothing written to {path})"
+        raise CliError(message, 1) from None
+    try:
+        record = json.loads(text)
+        served = {
+            "pid": int(record["pid"]),
+            "host": str(record["host"]),
+            "port": int(record["port"]),
+            "tls": bool(record.get("tls", False)),
+        }
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CliError(f"{path}: not a serve file ({type(exc).__name__}: {exc})", 1) from None
+    try:
+        os.kill(served["pid"], 0)
+    except ProcessLookupError:
+        raise CliError(
+            f"{path}: the server that wrote it (pid {served['pid']}) is not running", 1
+        ) from None
+    except PermissionError:
+        pass  # alive, as another user
+    host = served["host"]
+    if host == "localhost" or _is_ip(host, lambda ip: ip.is_loopback):
+        raise CliError(
+            f"the server listens on {host} only: nothing outside this machine (or container) "
+            "can reach it",
+            1,
+        )
+    if host in _WILDCARD_HOSTS:
+        # Every interface: check the one a published port or another machine arrives at.
+        host = _own_address()
+        if host is None:
+            host = "127.0.0.1"
+            print("this machine has no address but loopback: checking 127.0.0.1", file=sys.stderr)
+    bare = host.strip("[]")
+    if _is_ip(bare, lambda ip: isinstance(ip, ipaddress.IPv6Address)):
+        host = f"[{bare}]"
+    return f"{host}:{served['port']}", served
+
+
+def _is_ip(host: str, test) -> bool:
+    import ipaddress
+
+    try:
+        return bool(test(ipaddress.ip_address(host.strip("[]"))))
+    except ValueError:
+        return False
+
+
+def _own_address() -> str | None:
+    """An address of this machine (or container) that is not loopback, if it has one."""
+    import contextlib
+    import socket
+
+    found: list[str] = []
+    with contextlib.suppress(OSError):
+        found.append(socket.gethostbyname(socket.gethostname()))
+    with contextlib.suppress(OSError):
+        found += [a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # sends nothing: picks the interface of the default route
+        found.append(s.getsockname()[0])
+    for address in found:
+        if not _is_ip(address, lambda ip: ip.is_loopback or ip.is_unspecified):
+            return address
+    return None
 
 
 # ---------------------------------------------------------------- the parser
@@ -358,7 +446,12 @@ examples:
     "upload": "examples:\n  trainer upload iris.csv\n  trainer upload photos/ --name flowers\n"
     "  trainer upload mobilenet.weights.h5   # a backbone's weights: model.weights in a spec\n",
     "plot": "examples:\n  trainer plot 3f2a -o curves.png --max-points 500\n",
-    "health": "examples:\n  trainer health --address trainer.internal:50051 || restart-it\n",
+    "health": """\
+examples:
+  trainer health --address trainer.internal:50051 || restart-it
+  trainer health --serve-file /tmp/trainer-serve.json   a container's HEALTHCHECK, with
+                                                        TRAINER_SERVE_FILE set for the server
+""",
     "completion": """\
 examples:
   eval "$(trainer completion bash)"             in ~/.bashrc
@@ -425,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
     output(p, "table")
     p = command("health", _health, "exit 0 if the server is SERVING (grpc.health.v1)")
     p.add_argument("--service", default="", help="a service name; the server as a whole if empty")
+    p.add_argument(
+        "--serve-file",
+        metavar="FILE",
+        default=None,
+        help="check the server that wrote FILE (its TRAINER_SERVE_FILE) where others reach it, "
+        "instead of --address: unhealthy when none is running or it listens on loopback only",
+    )
     output(p, "table")
     p = command("submit", _submit, "submit a job file")
     p.add_argument("file", help="a YAML or JSON job file; - for stdin")

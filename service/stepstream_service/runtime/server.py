@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,9 +11,11 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -39,16 +42,53 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
+class NoGPUs(RuntimeError):
+    """`--gpus all` where no GPU can be used: an error, never CPU workers in their place."""
+
+
+class InsecureListen(ValueError):
+    """A host other than loopback with no authentication, and `insecure` not given."""
+
+
+# Hosts that listen on every interface of the machine.
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+def listed_gpus() -> tuple[list[str], str]:
+    """The GPU ids nvidia-smi lists, and when there are none, why."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return [], (
+            "nvidia-smi is not on PATH, so no GPU can be used here (in a container: docker run "
+            "--gpus all needs the NVIDIA Container Toolkit)"
+        )
+    try:
+        done = subprocess.run([smi, "-L"], capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [], f"nvidia-smi could not be run ({exc})"
+    ids = [str(i) for i, line in enumerate(done.stdout.splitlines()) if line.startswith("GPU ")]
+    if ids:
+        return ids, ""
+    said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+    # A driver that does not match, or a container given no device, says why on one line.
+    detail = f" (it says: {said[0][:200]})" if said else ""
+    return [], f"nvidia-smi lists no GPU{detail}"
+
+
 def gpu_ids(spec: str) -> list[str]:
-    """GPU ids for `--gpus`: none, all (as many as nvidia-smi lists), or a list like 0,1."""
+    """GPU ids for `--gpus`: none; all (as many as nvidia-smi lists, and at least one, else
+    NoGPUs); auto (those, or none with a warning); or a list like 0,1."""
+    spec = spec.strip()
     if spec == "none":
         return []
-    if spec == "all":
-        smi = shutil.which("nvidia-smi")
-        if smi is None:
-            return []
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, check=False).stdout
-        return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+    if spec in ("all", "auto"):
+        ids, why = listed_gpus()
+        if ids:
+            return ids
+        if spec == "all":
+            raise NoGPUs(f"--gpus all: {why}; use --gpus none for CPU workers, or --gpus auto")
+        log.warning("--gpus auto: no GPU was found: %s; starting CPU workers", why)
+        return []
     return [g.strip() for g in spec.split(",") if g.strip()]
 
 
@@ -136,6 +176,8 @@ class Supervisor:
             TRAINER_GRACE_SECONDS=str(s.grace_seconds),
             CUDA_VISIBLE_DEVICES=devices,
         )
+        if s.cpu_threads is not None:
+            env["TRAINER_CPU_THREADS"] = str(s.cpu_threads)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         return env
 
@@ -213,9 +255,26 @@ class Supervisor:
                 proc.wait()
 
 
+def insecure_refusal(host: str) -> str:
+    return (
+        f"refusing to listen on {host} with no authentication: give a tokens file "
+        "(TRAINER_TOKENS_FILE, made with `trainer token TENANT`) or client certificates "
+        "(TRAINER_TLS_CLIENT_CA), or --insecure / TRAINER_INSECURE=1 to accept anyone who can "
+        "reach the port"
+    )
+
+
 class Server:
     def __init__(self, settings: Settings, store: Store | None = None):
         self.settings = settings
+        host = settings.host
+        open_to_all = not settings.auth_configured and not is_loopback(host)
+        # Refused before anything is created or bound. Falling back to loopback instead would
+        # leave a container that looks healthy and that nothing outside it can reach.
+        if open_to_all and not settings.insecure:
+            raise InsecureListen(insecure_refusal(host))
+        # Before the store is opened: `--gpus all` with no GPU is refused here too.
+        self.supervisor = Supervisor(settings) if settings.workers > 0 else None
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = store or Store(settings.store_url)
         self.artifacts = ArtifactStore(settings.artifacts_url, settings.artifact_options)
@@ -264,14 +323,6 @@ class Server:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
-        host = settings.host
-        if not settings.auth_configured and not is_loopback(host):
-            log.warning(
-                "no authentication is configured (tokens_file or tls_client_ca): listening on "
-                "127.0.0.1 only, not %s",
-                host,
-            )
-            host = "127.0.0.1"
         self.host = host
         credentials = server_credentials(
             settings.tls_cert, settings.tls_key, settings.tls_client_ca
@@ -283,12 +334,20 @@ class Server:
         else:
             self.port = self.grpc.add_secure_port(address, credentials)
         auth = "tokens" if tokens else "none (loopback only)"
+        if open_to_all:
+            log.warning(
+                "INSECURE: listening on %s:%d with no authentication; anyone who can reach this "
+                "port can submit jobs, read every job and download models",
+                host,
+                self.port,
+            )
+            where = "all interfaces" if host in WILDCARD_HOSTS else host
+            auth = f"none (INSECURE, {where})"
         if settings.tls_client_ca is not None:
             auth = f"{'tokens + ' if tokens else ''}client certificates"
         self.describe = f"auth {auth}, tls {'on' if self.tls else 'off'}"
         self.metrics_port = 0
         self.metrics_host = settings.metrics_host
-        self.supervisor = Supervisor(settings) if settings.workers > 0 else None
         self.stopping = threading.Event()
 
     def start(self) -> None:
@@ -303,6 +362,43 @@ class Server:
         threading.Thread(target=self._housekeeping, name="rescuer", daemon=True).start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.serve_file is not None:
+            self._write_serve_file(self.settings.serve_file)
+
+    def _write_serve_file(self, path: Path) -> None:
+        """Where this server is, for `trainer health --serve-file`: written whole or not at
+        all (a health check never reads half of it)."""
+        record = {
+            "pid": os.getpid(),
+            "host": self.host,
+            "port": self.port,
+            "tls": self.tls,
+            "metrics_host": self.metrics_host,
+            "metrics_port": self.metrics_port,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(record, out)
+                out.write("\n")
+            os.chmod(temp, 0o644)  # mkstemp's 0600 would hide it from a health check's user
+            os.replace(temp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            raise
+        log.info("serve file %s: pid %d, %s:%d", path, os.getpid(), self.host, self.port)
+
+    def _remove_serve_file(self, path: Path) -> None:
+        # Only this server's own: another one may have started since and written its own.
+        try:
+            pid = json.loads(path.read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            return
+        if pid == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def _housekeeping(self) -> None:
         """Requeue jobs whose worker stopped renewing its lease; refresh the queue gauges;
@@ -349,6 +445,9 @@ class Server:
         """Drain: health NOT_SERVING, no new jobs accepted, workers checkpoint their jobs and
         hand them back to the queue within the grace period, then everything closes."""
         grace = self.settings.grace_seconds if grace is None else grace
+        # First: from now on a health check calls this server gone, not merely draining.
+        if self.settings.serve_file is not None:
+            self._remove_serve_file(self.settings.serve_file)
         self.servicer.draining = True
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

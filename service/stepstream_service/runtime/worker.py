@@ -538,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
     # Before any device is touched (devices() below takes the GPU's memory on some backends).
     if args.slot_lock is not None and not SlotLock(args.slot_lock, who).acquire(stopping):
         return 0
+    from stepstream_service.runtime.threads import configure_tensorflow
+
+    # Before the framework's runtime starts (the import below, then devices()): the pools'
+    # sizes cannot change after.
+    configure_tensorflow(settings, who)
     from stepstream_service.engine.trainer import (
         devices,
     )  # imports the framework once, before any job

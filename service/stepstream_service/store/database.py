@@ -18,6 +18,10 @@ from sqlalchemy import event as sa_event
 
 from stepstream_service.store import schema
 
+# A database made by initdb under the C locale (usual in containers) is SQL_ASCII, where psycopg
+# returns text as bytes unless the client asks for UTF-8; the server then passes bytes through.
+POSTGRES_CONNECT = {"client_encoding": "utf8"}
+
 
 def engine_url(url: str) -> str:
     """postgresql:// and postgres:// URLs use psycopg 3 (SQLAlchemy's default is psycopg2)."""
@@ -25,6 +29,14 @@ def engine_url(url: str) -> str:
         if url.startswith(prefix):
             return "postgresql+psycopg://" + url[len(prefix) :]
     return url
+
+
+def make_engine(url: str, **options: Any) -> sa.Engine:
+    """An engine for a store URL, with what PostgreSQL connections need (POSTGRES_CONNECT)."""
+    url = engine_url(url)
+    if sa.make_url(url).get_backend_name() == "postgresql":
+        options["connect_args"] = {**options.get("connect_args", {}), **POSTGRES_CONNECT}
+    return sa.create_engine(url, **options)
 
 
 class Database:
@@ -36,7 +48,7 @@ class Database:
         self.postgres = self.dialect == "postgresql"
         if self.postgres:
             # pre_ping: after a database restart, stale pooled connections are replaced, not used.
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=10)
+            self.engine = make_engine(self.url, pool_pre_ping=True, pool_size=10)
             self.reader = self.engine
         else:
             self.engine = sa.create_engine(self.url)

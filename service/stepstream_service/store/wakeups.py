@@ -14,6 +14,8 @@ import time
 
 import sqlalchemy as sa
 
+from stepstream_service.store.database import POSTGRES_CONNECT
+
 log = logging.getLogger(__name__)
 UNTIL_CHECK_SECONDS = 0.25  # how soon a wait notices its `until` event
 
@@ -64,7 +66,9 @@ class Wakeups:
 
         while not self.stopping.is_set():
             try:
-                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(
+                    self.conninfo, autocommit=True, connect_timeout=5, **POSTGRES_CONNECT
+                ) as conn:
                     for channel in self.channels:
                         conn.execute(f"LISTEN {channel}")
                     self.connected.set()

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
 from stepstream_service.config import Settings
-from stepstream_service.runtime.server import Supervisor, gpu_ids
+from stepstream_service.runtime.server import (
+    InsecureListen,
+    NoGPUs,
+    Server,
+    Supervisor,
+    gpu_ids,
+)
 
 
 def test_gpu_lists():
@@ -73,3 +86,132 @@ def test_each_worker_is_tied_to_its_supervisor_and_its_slot(tmp_path: Path, monk
     # Linux signals the worker when the thread that started it ends: a long-lived one.
     assert thread == "supervisor"
     assert sup._env("")["TRAINER_GRACE_SECONDS"] == "7.0"
+
+
+# ---------------------------------------------------------------- --gpus all, auto
+
+
+def without_nvidia_smi(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+
+
+def test_gpus_all_without_nvidia_smi_is_an_error(monkeypatch, tmp_path: Path):
+    without_nvidia_smi(monkeypatch, tmp_path)
+    with pytest.raises(NoGPUs, match=r"^--gpus all: nvidia-smi is not on PATH") as caught:
+        gpu_ids("all")
+    assert "NVIDIA Container Toolkit" in str(caught.value)
+    assert "--gpus none for CPU workers, or --gpus auto" in str(caught.value)
+    with pytest.raises(NoGPUs):
+        Supervisor(Settings(gpus="all", workers=2, data_dir=tmp_path))
+
+
+def test_gpus_all_when_nvidia_smi_lists_none_is_an_error(monkeypatch, tmp_path: Path):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'No devices were found'\nexit 6\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    with pytest.raises(NoGPUs, match=r"nvidia-smi lists no GPU \(it says: No devices were found"):
+        gpu_ids("all")
+
+
+def test_gpus_auto_without_a_gpu_is_cpu_workers_with_a_warning(monkeypatch, tmp_path, caplog):
+    without_nvidia_smi(monkeypatch, tmp_path)
+    with caplog.at_level(logging.WARNING, "stepstream_service.runtime.server"):
+        assert gpu_ids("auto") == []
+    assert "--gpus auto: no GPU was found: nvidia-smi is not on PATH" in caplog.text
+    sup = Supervisor(Settings(gpus="auto", workers=2, data_dir=tmp_path))
+    assert [slot for slot, _ in sup.slots] == ["cpu0", "cpu1"]
+
+
+def test_gpus_all_and_auto_use_every_gpu_nvidia_smi_lists(monkeypatch, tmp_path: Path):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho 'GPU 0: A (UUID: x)'\necho 'GPU 1: B (UUID: y)'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    assert gpu_ids("all") == gpu_ids("auto") == ["0", "1"]
+
+
+def trainer(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = dict(os.environ, **env)
+    return subprocess.run(
+        [sys.executable, "-m", "stepstream.cli", *args],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize("command", ["worker", "serve"])
+def test_trainer_with_gpus_all_and_no_gpu_exits_2_and_starts_nothing(tmp_path, command):
+    # This process's own interpreter, on a PATH without nvidia-smi.
+    data = tmp_path / "data"
+    done = trainer(
+        command,
+        "--gpus",
+        "all",
+        "--data-dir",
+        str(data),
+        "--store",
+        f"sqlite:///{tmp_path / 'trainer.db'}",
+        *(["--port", "0", "--metrics-port", "0"] if command == "serve" else []),
+        PATH=str(tmp_path / "empty"),
+    )
+    assert done.returncode == 2, done
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"trainer {command}: --gpus all: nvidia-smi is not on PATH, so no GPU can be used here "
+        "(in a container: docker run --gpus all needs the NVIDIA Container Toolkit); use "
+        "--gpus none for CPU workers, or --gpus auto"
+    ), done.stderr
+    assert not data.exists() and not (tmp_path / "trainer.db").exists()
+
+
+# ---------------------------------------------------------------- listening, and the serve file
+
+
+def test_no_authentication_on_a_wildcard_host_is_refused_before_anything_is_made(tmp_path):
+    settings = Settings(host="0.0.0.0", workers=0, data_dir=tmp_path / "data")
+    with pytest.raises(InsecureListen, match=r"^refusing to listen on 0\.0\.0\.0 with no auth"):
+        Server(settings)
+    assert not settings.data_dir.exists()
+
+
+def test_insecure_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("TRAINER_INSECURE", "1")
+    assert Settings().insecure is True
+
+
+def test_the_serve_file_is_written_whole_and_removed_on_stop(tmp_path: Path):
+    served = tmp_path / "run" / "serve.json"
+    server = Server(
+        Settings(port=0, metrics_port=0, workers=0, data_dir=tmp_path / "data", serve_file=served)
+    )
+    server.start()
+    try:
+        assert json.loads(served.read_text()) == {
+            "pid": os.getpid(),
+            "host": "127.0.0.1",
+            "port": server.port,
+            "tls": False,
+            "metrics_host": "127.0.0.1",
+            "metrics_port": server.metrics_port,
+        }
+        assert served.stat().st_mode & 0o777 == 0o644
+        assert [p.name for p in served.parent.iterdir()] == ["serve.json"]
+    finally:
+        server.stop(grace=0)
+    assert not served.exists()
+
+
+def test_a_stopping_server_leaves_another_servers_serve_file(tmp_path: Path):
+    served = tmp_path / "serve.json"
+    server = Server(
+        Settings(port=0, metrics_port=0, workers=0, data_dir=tmp_path / "data", serve_file=served)
+    )
+    server.start()
+    served.write_text(json.dumps({"pid": os.getpid() + 1, "host": "0.0.0.0", "port": 1}))
+    server.stop(grace=0)
+    assert served.exists()
