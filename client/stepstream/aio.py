@@ -13,15 +13,18 @@ this module only awaits what they ask for.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from stepstream import protocol
+from stepstream import experiments, protocol
+from stepstream.client import fork_spec
 from stepstream.connection import Connection, Credentials
+from stepstream.experiments import ExperimentInfo, ExperimentUpdate
 from stepstream.kernel.events import Event
+from stepstream.kernel.experiment import ExperimentSpec
 from stepstream.kernel.states import JobState
 from stepstream.protocol import ClientSurface, JobHandle, JobInfo, Metrics, Program, Run
 from stepstream.v1 import trainer_pb2 as pb
@@ -85,6 +88,22 @@ class AsyncTrainingClient(Connection, ClientSurface[Awaitable[AsyncJob], AsyncIt
     async def capabilities(self) -> dict[str, Any]:
         return await self._run(self._ops.capabilities())
 
+    async def fork(
+        self,
+        job: str,
+        changes: Mapping[str, Any] | None = None,
+        *,
+        steps: int | str | None = None,
+        name: str | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        max_attempts: int = 0,
+    ) -> AsyncJob:
+        spec = fork_spec(await self.job(job).info(), changes, steps=steps, name=name)
+        return await self.submit(
+            spec, request_id=request_id, priority=priority, max_attempts=max_attempts
+        )
+
     async def upload_dataset(self, name: str, path: str | Path, chunk_size: int = 1 << 20) -> str:
         return await self._run(self._ops.upload_dataset(name, path, chunk_size))
 
@@ -96,6 +115,38 @@ class AsyncTrainingClient(Connection, ClientSurface[Awaitable[AsyncJob], AsyncIt
         progress: Callable[[int, int], None] | None = None,
     ) -> pb.Dataset:
         return await self._run(self._ops.upload(path, name, chunk_size, progress))
+
+    # Experiments, as TrainingClient has them (stepstream.experiments).
+
+    async def submit_experiment(
+        self,
+        spec: ExperimentSpec | Mapping[str, Any] | str | Path,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> ExperimentInfo:
+        request = experiments.experiment_request(spec, request_id, priority)
+        return await self._run(experiments.submit(self._ops, request))
+
+    async def get_experiment(self, name: str) -> ExperimentInfo:
+        return await self._run(experiments.get(self._ops, name))
+
+    def experiments(
+        self, *, state: str | None = None, name: str | None = None, page_size: int = 50
+    ) -> AsyncIterator[ExperimentInfo]:
+        filter = experiments.list_filter(state, name)
+        return self._iterate(experiments.listing(self._ops, filter, page_size))
+
+    async def cancel_experiment(self, name: str) -> ExperimentInfo:
+        return await self._run(experiments.cancel(self._ops, name))
+
+    def watch_experiment(
+        self, name: str, after_seq: int = 0, *, retry_seconds: float = 60.0
+    ) -> AsyncIterator[ExperimentUpdate]:
+        return self._iterate(experiments.watch(self._ops, name, after_seq, retry_seconds))
+
+    async def wait_experiment(self, name: str, timeout: float | None = None) -> ExperimentInfo:
+        return await self._run(experiments.wait(self._ops, name, timeout))
 
     # The shell: perform what a program asks, awaiting.
 

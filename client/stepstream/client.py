@@ -13,16 +13,20 @@ decides on retries; `stepstream.aio` is the asyncio shell over the same.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from stepstream import protocol
+from stepstream import experiments, protocol
 from stepstream.connection import DEFAULT_ADDRESS, Connection, Credentials
+from stepstream.experiments import ExperimentInfo, ExperimentUpdate
 from stepstream.kernel.events import Event
+from stepstream.kernel.experiment import ExperimentSpec, apply
+from stepstream.kernel.spec import JobSpec, Problem, SpecError, fork_conflicts
 from stepstream.kernel.states import JobState
 from stepstream.protocol import (
     ClientSurface,
@@ -41,10 +45,13 @@ from stepstream.v1 import trainer_pb2 as pb
 __all__ = [
     "DEFAULT_ADDRESS",
     "SUBMIT_RETRIES",
+    "ExperimentInfo",
+    "ExperimentUpdate",
     "Job",
     "JobInfo",
     "Metrics",
     "TrainingClient",
+    "fork_spec",
     "job_name",
     "metrics_from_proto",
     "spec_request",
@@ -54,6 +61,61 @@ SUBMIT_RETRIES = protocol.POLICY.submit_retries
 _RETRYABLE = protocol.RETRYABLE  # the name earlier versions exported
 
 T = TypeVar("T")
+
+# A fork's source's labels it does not take: it is no trial of the source's experiment.
+_NOT_INHERITED = ("experiment", "trial")
+_STEPS = re.compile(r"^\s*(\+?)\s*(\d+)\s*$")
+
+
+def fork_spec(
+    source: JobInfo,
+    changes: Mapping[str, Any] | None = None,
+    *,
+    steps: int | str | None = None,
+    name: str | None = None,
+) -> JobSpec:
+    """The spec of a fork of `source` (a job's info, spec included): its spec with each dotted
+    path in `changes` set (`{"optimizer.learning_rate": 1e-4}`), starting from its newest
+    checkpoint (`init_from`; `changes` may give `init_from.step`). `steps` sets
+    training.steps: a number, or "+N" for N steps past where the fork starts (the source's
+    step, or init_from.step). `name` is the source's name and "-fork" unless given. Raises
+    SpecError naming each field that is wrong or that a fork cannot change (the model's
+    shapes, the optimizer's kind)."""
+    base = JobSpec.parse(source.spec)
+    changes = dict(changes or {})
+    start = changes.get("init_from.step")
+    if not isinstance(start, int) or isinstance(start, bool):
+        start = source.step
+    params: dict[str, Any] = {
+        "init_from": {"job": source.id},
+        "labels": {k: v for k, v in base.labels.items() if k not in _NOT_INHERITED},
+        "name": name or f"{base.name[:58]}-fork",
+        **changes,
+    }
+    if steps is not None:
+        found = _STEPS.match(str(steps)) if not isinstance(steps, bool) else None
+        if found is None:
+            raise SpecError(
+                [Problem("training.steps", f"{steps!r}: give a number of steps, or +N for N more")]
+            )
+        params["training.steps"] = start + int(found[2]) if found[1] else int(found[2])
+        params["training.epochs"] = None  # steps, not epochs, say how long it trains
+    spec = apply(base, params)
+    total = spec.training.steps
+    if total is not None and total <= start:
+        raise SpecError(
+            [
+                Problem(
+                    "training.steps",
+                    f"{total} is not past step {start} of {source.id}, where the fork "
+                    "starts; give steps as +N to train N more (trainer fork --steps +N)",
+                )
+            ]
+        )
+    problems = fork_conflicts(base, spec, source.id)
+    if problems:
+        raise SpecError(problems)
+    return spec
 
 
 class Job(JobHandle):
@@ -118,6 +180,25 @@ class TrainingClient(Connection, ClientSurface[Job, Iterator[JobInfo]]):
         """Every valid architecture, layer, activation, ... name, and "aliases"."""
         return self._run(self._ops.capabilities())
 
+    def fork(
+        self,
+        job: str,
+        changes: Mapping[str, Any] | None = None,
+        *,
+        steps: int | str | None = None,
+        name: str | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        max_attempts: int = 0,
+    ) -> Job:
+        """A new job that starts from `job`'s newest checkpoint (weights, optimizer state,
+        step) with `changes` to its spec, labelled forked_from=<job's id>; `steps` is
+        training.steps, or "+N" for N more steps (see fork_spec)."""
+        spec = fork_spec(self.job(job).info(), changes, steps=steps, name=name)
+        return self.submit(
+            spec, request_id=request_id, priority=priority, max_attempts=max_attempts
+        )
+
     def upload_dataset(self, name: str, path: str | Path, chunk_size: int = 1 << 20) -> str:
         """Upload an .npz file; returns the path to use as dataset: {name: npz, path: ...}."""
         return self._run(self._ops.upload_dataset(name, path, chunk_size))
@@ -132,6 +213,47 @@ class TrainingClient(Connection, ClientSurface[Job, Iterator[JobInfo]]):
         """Upload a dataset file (.npz, .csv, .parquet, .tfrecord) or an image folder, resuming
         an earlier interrupted upload of the same file; its Dataset (`.path` goes in a spec)."""
         return self._run(self._ops.upload(path, name, chunk_size, progress))
+
+    # Experiments: searches over a job's fields, each trial a job (stepstream.experiments).
+
+    def submit_experiment(
+        self,
+        spec: ExperimentSpec | Mapping[str, Any] | str | Path,
+        *,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> ExperimentInfo:
+        """Validate `spec` here (an ExperimentSpec, dict, or YAML/JSON path), then create the
+        experiment; retried with the same request_id as `submit` is. `priority` is each trial
+        job's, unless the spec gives trial_priority."""
+        request = experiments.experiment_request(spec, request_id, priority)
+        return self._run(experiments.submit(self._ops, request))
+
+    def get_experiment(self, name: str) -> ExperimentInfo:
+        """An experiment (by id or "experiments/<id>") with every trial."""
+        return self._run(experiments.get(self._ops, name))
+
+    def experiments(
+        self, *, state: str | None = None, name: str | None = None, page_size: int = 50
+    ) -> Iterator[ExperimentInfo]:
+        """Newest first, across pages, without their trials (trial_counts has how many)."""
+        filter = experiments.list_filter(state, name)
+        return self._iterate(experiments.listing(self._ops, filter, page_size))
+
+    def cancel_experiment(self, name: str) -> ExperimentInfo:
+        return self._run(experiments.cancel(self._ops, name))
+
+    def watch_experiment(
+        self, name: str, after_seq: int = 0, *, retry_seconds: float = 60.0
+    ) -> Iterator[ExperimentUpdate]:
+        """The experiment and the trials changed after `after_seq`, then every change, live,
+        ending with the update that shows it ended; a dropped stream resumes after the last
+        seq seen."""
+        return self._iterate(experiments.watch(self._ops, name, after_seq, retry_seconds))
+
+    def wait_experiment(self, name: str, timeout: float | None = None) -> ExperimentInfo:
+        """Block until the experiment ends; it, with every trial. TimeoutError after `timeout`."""
+        return self._run(experiments.wait(self._ops, name, timeout))
 
     # The shell: perform what a program asks, blocking.
 

@@ -98,6 +98,13 @@ class Settings(BaseSettings):
     max_upload_expanded_bytes: int = 8 * 1024**3
     keepalive_seconds: float = 60.0
 
+    # Experiments: how often the controller looks at its trials' new events (a trial the
+    # pruner stops is cancelled within about this long), and where their Optuna studies live
+    # (an RDB storage URL; by default beside the store: optuna.db next to the SQLite file, or
+    # the `optuna` schema of the PostgreSQL database).
+    experiment_poll_seconds: float = 0.1
+    experiments_storage: str | None = None
+
     # Shutdown and retention.
     grace_seconds: float = 30.0  # SIGTERM: running jobs checkpoint and go back to the queue
     retention_days: float | None = None  # finished jobs older than this are deleted

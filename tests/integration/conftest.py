@@ -43,6 +43,8 @@ class ServiceProcess:
         **settings: object,
     ):
         self.data_dir = data_dir
+        # The database it uses, for a test to open beside it.
+        self.store_url = str(settings.get("store") or f"sqlite:///{data_dir / 'trainer.db'}")
         env = service_env(**settings)
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
         self.log = self.log_path.open("ab")

@@ -1,7 +1,7 @@
 """The `trainer` command's client commands (submit, jobs, show, watch, cancel, download, plot,
-health, validate), the parser they hang on (with the help's examples, and the commands that
-packages add through the `stepstream.commands` entry points), and `main`, which runs one and
-turns its failure into an exit code."""
+health, validate; `trainer experiment ...` comes from cli.experiments), the parser they hang on
+(with the help's examples, and the commands that packages add through the `stepstream.commands`
+entry points), and `main`, which runs one and turns its failure into an exit code."""
 
 from __future__ import annotations
 
@@ -26,11 +26,14 @@ from stepstream.cli.errors import (
     rpc_error_text,
     unreachable,
 )
+from stepstream.cli.experiments import add_commands as add_experiment_commands
+from stepstream.cli.fork import add_command as add_fork_command
 from stepstream.cli.names import resolve_job
 from stepstream.cli.output import FORMATS, dump, job_record, job_view, jobs_table
 from stepstream.cli.progress import ProgressBar, print_event
 from stepstream.cli.remote import DEFAULT_ADDRESS, connect, credentials
 from stepstream.cli.spec_files import load_spec_file, read_spec_file
+from stepstream.kernel.experiment import ExperimentSpec
 from stepstream.kernel.spec import EXPORT_FORMATS, JobSpec, SpecError
 
 # ---------------------------------------------------------------- commands
@@ -39,7 +42,7 @@ from stepstream.kernel.spec import EXPORT_FORMATS, JobSpec, SpecError
 def _validate(args: argparse.Namespace) -> int:
     results = []
     for path in args.files:
-        spec, problems = read_spec_file(path)
+        spec, problems = read_spec_file(path, experiments=True)
         results.append((path, spec, problems))
     invalid = sum(1 for _, spec, _ in results if spec is None)
     if args.output in ("json", "yaml"):
@@ -57,8 +60,13 @@ def _validate(args: argparse.Namespace) -> int:
         print(dump(data, args.output))
         return EXIT_USAGE if invalid else 0
     for path, spec, problems in results:
-        if spec is not None:
-            name = "<stdin>" if path == "-" else path
+        name = "<stdin>" if path == "-" else path
+        if isinstance(spec, ExperimentSpec):
+            print(
+                f"{name}: valid experiment ({len(spec.space)} fields, {spec.sampler.name}, "
+                f"{spec.max_trials} trials, {spec.objective.direction} {spec.objective.metric})"
+            )
+        elif spec is not None:
             print(
                 f"{name}: valid ({spec.model.architecture}, {spec.loss.name}, "
                 f"{spec.optimizer.name}, {spec.dataset.name})"
@@ -385,6 +393,7 @@ examples:
   trainer watch seed-mlp                        live steps; Ctrl-C detaches
   trainer cancel 3f2a
   trainer download 3f2a -o model.keras
+  trainer experiment submit sweep.yaml -f       a hyperparameter search, its trials live
   trainer serve --workers 2                     run the service here
 
 Jobs are named by id (job-3f2a...), a unique prefix of it (3f2a), or a unique display name.
@@ -399,6 +408,7 @@ _EPILOGS = {
 examples:
   trainer validate job.yaml
   trainer validate examples/*.yaml other.json   every problem of every file, at its line
+  trainer validate examples/experiments/sweep.yaml   an experiment file (it has space:)
   generate-job | trainer validate -             from stdin
   trainer validate job.yaml -o json             for editors and CI
 """,
@@ -481,9 +491,15 @@ def build_parser() -> argparse.ArgumentParser:
     token = os.environ.get("TRAINER_TOKEN")
 
     def command(
-        name: str, func, help: str, remote: bool = True, *, epilog: str | None = None
+        name: str,
+        func,
+        help: str,
+        remote: bool = True,
+        *,
+        epilog: str | None = None,
+        parent: argparse._SubParsersAction | None = None,
     ) -> argparse.ArgumentParser:
-        p = sub.add_parser(
+        p = (parent or sub).add_parser(
             name,
             help=help,
             description=help[:1].upper() + help[1:] + ".",
@@ -514,7 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
         action.completer = complete_jobs  # type: ignore[attr-defined]
 
     p = command("validate", _validate, "check job files (no server, no TensorFlow)", remote=False)
-    p.add_argument("files", nargs="+", metavar="FILE", help="YAML or JSON job files; - for stdin")
+    p.add_argument(
+        "files", nargs="+", metavar="FILE", help="YAML or JSON job or experiment files; - for stdin"
+    )
     output(p, "table")
     p = command("health", _health, "exit 0 if the server is SERVING (grpc.health.v1)")
     p.add_argument("--service", default="", help="a service name; the server as a whole if empty")
@@ -531,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true", help="stream it with a progress bar")
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--request-id", default=None, help="makes retries idempotent")
+    add_fork_command(command)
     p = command("jobs", _jobs, "list jobs, newest first")
     state = p.add_argument("--state", default=None, help="QUEUED, RUNNING, SUCCEEDED, ...")
     state.completer = complete_states  # type: ignore[attr-defined]
@@ -574,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     job_arg(p)
     p.add_argument("-o", "--output", default="curves.png")
     p.add_argument("--max-points", type=int, default=2000)
+    add_experiment_commands(sub, command, output)
     p = command("completion", print_script, "print a shell's tab-completion script", False)
     p.add_argument("shell", choices=("bash", "zsh", "fish"))
 

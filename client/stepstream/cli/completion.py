@@ -1,6 +1,6 @@
 """Shell completion through argcomplete: the script `trainer completion SHELL` prints, the
-answer to a shell that asks (`_ARGCOMPLETE` set), and the completers of job and state
-arguments."""
+answer to a shell that asks (`_ARGCOMPLETE` set), and the completers of job, experiment and
+state arguments."""
 
 from __future__ import annotations
 
@@ -51,3 +51,22 @@ def complete_states(prefix: str, **_: Any) -> list[str]:
     from stepstream.kernel.states import JobState
 
     return [s.value for s in JobState if s.value.startswith(prefix.upper())]
+
+
+def complete_experiments(prefix: str, parsed_args: argparse.Namespace, **_: Any) -> list[str]:
+    """Tab completion of experiment arguments: the ids and names of recent experiments."""
+    from stepstream.client import TrainingClient
+
+    try:
+        with TrainingClient(parsed_args.address, timeout=2, **credentials(parsed_args)) as c:
+            infos = list(itertools.islice(c.experiments(page_size=200), 200))
+    except Exception:
+        return []
+    words = {i.id for i in infos} | {i.display_name for i in infos}
+    return sorted(w for w in words if w.startswith(prefix))
+
+
+def complete_experiment_states(prefix: str, **_: Any) -> list[str]:
+    from stepstream.kernel.states import ExperimentState
+
+    return [s.value for s in ExperimentState if s.value.startswith(prefix.upper())]

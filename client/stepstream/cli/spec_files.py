@@ -1,15 +1,17 @@
-"""Job files (YAML or JSON, `-` for stdin): read and validated, each problem placed at its
-file, line and column."""
+"""Job and experiment files (YAML or JSON, `-` for stdin): read and validated, each problem
+placed at its file, line and column."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
 from stepstream.cli.errors import EXIT_USAGE, CliError
+from stepstream.kernel.experiment import ExperimentSpec, load_experiment
 from stepstream.kernel.spec import JobSpec, Problem, SpecError
 
 
@@ -41,29 +43,35 @@ def locate(node: Any, field: str) -> tuple[int, int] | None:
     ("training.steps", "model.layers.2.units"); None when not even its first part is there."""
     import yaml
 
-    where = None
-    for part in field.split("."):
+    where, parts, i = None, field.split("."), 0
+    while i < len(parts):
         if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode) and key.value == part:
-                    where, node = key.start_mark, value
+            # A key may hold dots itself (an experiment's space.optimizer.learning_rate): the
+            # longest key that the rest of the path starts with.
+            keys = {k.value: (k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+            for j in range(len(parts), i, -1):
+                found = keys.get(".".join(parts[i:j]))
+                if found is not None:
+                    where, node, i = found[0].start_mark, found[1], j
                     break
             else:
                 break
-        elif isinstance(node, yaml.SequenceNode) and part.isdigit():
-            if int(part) >= len(node.value):
+        elif isinstance(node, yaml.SequenceNode) and parts[i].isdigit():
+            if int(parts[i]) >= len(node.value):
                 break
-            node = node.value[int(part)]
-            where = node.start_mark
+            node = node.value[int(parts[i])]
+            where, i = node.start_mark, i + 1
         else:
             break
     return (where.line + 1, where.column + 1) if where is not None else None
 
 
 def read_spec_file(
-    path: str, stdin: TextIO | None = None
-) -> tuple[JobSpec | None, list[FileProblem]]:
-    """Parse and validate a job file (`-` for stdin): the spec, or every problem at its line."""
+    path: str, stdin: TextIO | None = None, *, experiments: bool = False
+) -> tuple[JobSpec | ExperimentSpec | None, list[FileProblem]]:
+    """Parse and validate a job file (`-` for stdin): the spec, or every problem at its line.
+    With `experiments`, a file with a `space:` is read as an experiment (its `job:` may name a
+    job file beside it); without, such a file is refused, saying what it is."""
     import yaml
 
     name = "<stdin>" if path == "-" else path
@@ -104,7 +112,14 @@ def read_spec_file(
             return None, [FileProblem(name, "<file>", f"invalid YAML: {exc}")]
         finally:
             loader.dispose()
+    experiment = isinstance(data, Mapping) and "space" in data
     try:
+        if experiment and experiments:
+            base = Path(".") if path == "-" else Path(path).parent
+            return load_experiment(data, base_dir=base), []
+        if experiment:
+            what = "an experiment (it has space:), not a job: trainer experiment submit runs it"
+            return None, [FileProblem(name, "<root>", what)]
         return JobSpec.parse(data if data is not None else {}), []
     except SpecError as exc:
         placed = [_placed(name, node, p) for p in exc.problems]
@@ -131,6 +146,18 @@ def _placed(name: str, node: Any, problem: Problem) -> FileProblem:
 def load_spec_file(path: str) -> JobSpec:
     """The spec in a job file, or SpecFileError naming the file and line of every problem."""
     spec, problems = read_spec_file(path)
-    if spec is None:
+    if not isinstance(spec, JobSpec):
+        raise SpecFileError(problems)
+    return spec
+
+
+def load_experiment_file(path: str) -> ExperimentSpec:
+    """The experiment in a file, or SpecFileError naming the file and line of every problem."""
+    spec, problems = read_spec_file(path, experiments=True)
+    if isinstance(spec, JobSpec):
+        name = "<stdin>" if path == "-" else path
+        what = "a job, not an experiment: an experiment has space: (and the job under job:)"
+        problems = [FileProblem(name, "<root>", what)]
+    if not isinstance(spec, ExperimentSpec):
         raise SpecFileError(problems)
     return spec

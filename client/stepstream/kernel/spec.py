@@ -1049,6 +1049,41 @@ _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 # Labels are kept with the job and sent with every answer about it, so their count and sizes
 # are bounded here, where both client and server check them (as Kubernetes bounds its own).
 _LABEL_KEY = _JOB_NAME
+# A job's id as the service gives it out, alone or as its resource name (jobs/job-...).
+_JOB_ID = re.compile(r"^(?:jobs/)?(job-[0-9a-f]{1,40})$")
+FORKED_FROM = "forked_from"  # the label a fork carries: the id of the job it started from
+
+
+class InitFrom(_Spec):
+    """Start from another job's checkpoint (a fork): its weights, its optimizer's state and its
+    step counter; this job's own hyperparameters take effect from there."""
+
+    job: str = Field(
+        description="The id of the job to start from (job-...), one of your own.",
+        json_schema_extra={"pattern": _JOB_ID.pattern},
+    )
+    step: PositiveInt | Literal["latest"] = Field(
+        "latest",
+        description="The step of the checkpoint to start from; 'latest': its newest intact one.",
+    )
+
+    @field_validator("job", mode="before")
+    @classmethod
+    def _job_id(cls, v: Any) -> Any:
+        match = _JOB_ID.match(v) if isinstance(v, str) else None
+        if match is None:
+            raise ValueError(f"{_shown(v)!r} is no job id; they look like job-3f2a0c...")
+        return match.group(1)
+
+    @field_validator("step", mode="before")
+    @classmethod
+    def _step(cls, v: Any) -> Any:
+        # Checked here so the error is one message, not one per member of the union.
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if v == "latest" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"must be a step greater than 0, or 'latest'; got {_shown(repr(v))}")
 
 
 class JobSpec(_Spec):
@@ -1062,6 +1097,11 @@ class JobSpec(_Spec):
             f"At most {MAX_LABELS}; keys as job names (1-63 letters, digits, '_', '.', '-'), "
             f"values of at most {MAX_LABEL_VALUE_CHARS} printable characters."
         ),
+    )
+    init_from: InitFrom | None = Field(
+        None,
+        description=f"Start from another job's checkpoint (a fork); the job is labelled "
+        f"{FORKED_FROM}=<that job's id>.",
     )
     model: ModelSpec = Field(default_factory=MLPModel)
     loss: LossSpec | None = Field(None, description="The dataset's natural loss when unset.")
@@ -1149,6 +1189,32 @@ class JobSpec(_Spec):
         if limits is None:
             return self
         problems = list(_over_limits(self, limits))
+        if problems:
+            raise PydanticCustomError(
+                "spec_conflicts", "{summary}", {"summary": problems[0][1], "all": problems}
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fork(self) -> JobSpec:
+        if self.init_from is None:
+            return self
+        problems = []
+        # The link is a label, so `trainer jobs --label forked_from=ID` lists a job's forks.
+        if FORKED_FROM not in self.labels and len(self.labels) >= MAX_LABELS:
+            problems.append(
+                ("labels", f"at most {MAX_LABELS}, and a fork adds the label {FORKED_FROM}")
+            )
+        self.labels[FORKED_FROM] = self.init_from.job
+        start, steps = self.init_from.step, self.training.steps
+        if start != "latest" and steps is not None and steps <= start:
+            problems.append(
+                (
+                    "training.steps",
+                    f"{steps} is not past init_from.step ({start}), where training starts: "
+                    f"a fork trains from there up to training.steps",
+                )
+            )
         if problems:
             raise PydanticCustomError(
                 "spec_conflicts", "{summary}", {"summary": problems[0][1], "all": problems}
@@ -1589,3 +1655,104 @@ def _whole_model_conflicts(spec: JobSpec):
             )
         if data.flatten:
             yield "dataset.flatten", "a backbone reads unflattened images; remove flatten"
+
+
+# ---------------------------------------------------------------- forks
+
+# Model options that hold no weights: a fork may change them and still load the source's.
+_WEIGHTLESS = frozenset({"activation", "output_activation", "dropout", "rate"})
+# Options of the generated datasets that decide the model's input or output shape.
+_DATA_SHAPES = ("num_features", "num_classes", "image_size", "channels", "vocab_size")
+_FORK_KEEPS_MODEL = (
+    "a fork starts from that job's weights, so the model keeps its architecture and layer "
+    "sizes (dropout and activations may change)"
+)
+
+
+def _changed(before: Any, after: Any, path: str):
+    """Yield (path, before, after) for each value that differs, weightless options aside."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        for key in sorted(set(before) | set(after), key=str):
+            if key not in _WEIGHTLESS:
+                yield from _changed(before.get(key), after.get(key), f"{path}.{key}")
+    elif isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        for i, (b, a) in enumerate(zip(before, after, strict=True)):
+            yield from _changed(b, a, f"{path}.{i}")
+    elif before != after:
+        yield path, before, after
+
+
+def _optimizer_state(opt: OptimizerSpec) -> dict[str, Any]:
+    """What decides the variables an optimizer keeps (and a checkpoint holds for it): Keras
+    keeps a constant learning rate as a variable, a schedule as none."""
+    return {
+        "name": opt.name,
+        "amsgrad": bool(opt.amsgrad),
+        "centered": bool(opt.centered),
+        "momentum": opt.name == "momentum" or bool(opt.momentum),
+        "schedule": opt.schedule is not None,
+    }
+
+
+def fork_conflicts(source: JobSpec, fork: JobSpec, source_id: str = "") -> list[Problem]:
+    """What `fork` changes that cannot change across a fork of `source` (its checkpoint
+    would not load): the model's architecture and sizes, the optimizer's kind and the state
+    it keeps, float16 loss scaling, a generated dataset's shapes. One Problem per field."""
+    where = source_id or "the source job"
+    problems: list[Problem] = []
+    before = source.model.model_dump(mode="json", exclude_none=True)
+    after = fork.model.model_dump(mode="json", exclude_none=True)
+    if before.get("architecture") != after.get("architecture"):
+        changes = [("model.architecture", before.get("architecture"), after.get("architecture"))]
+    else:
+        changes = list(_changed(before, after, "model"))
+    for field, was, now in changes:
+        problems.append(
+            Problem(field, f"{_shown(now)} here, {_shown(was)} in {where}: {_FORK_KEEPS_MODEL}")
+        )
+    was_state, now_state = _optimizer_state(source.optimizer), _optimizer_state(fork.optimizer)
+    for key in was_state:
+        renamed = key not in ("name", "schedule") and was_state["name"] != now_state["name"]
+        if was_state[key] == now_state[key] or renamed:  # another optimizer: said once
+            continue
+        if key == "name":
+            why = (
+                f"{fork.optimizer.name} here, {source.optimizer.name} in {where}: a fork "
+                "continues that job's optimizer state, which only the same optimizer takes"
+            )
+        elif key == "schedule":
+            kinds = {True: "a schedule", False: "a constant learning rate"}
+            why = (
+                f"{kinds[now_state[key]]} here, {kinds[was_state[key]]} in {where}: a fork "
+                "continues that job's optimizer state, which holds a constant rate but no "
+                "schedule, so it cannot add or remove one (new values for either are fine)"
+            )
+        else:
+            on = {True: "on", False: "off"}
+            why = (
+                f"{on[now_state[key]]} here, {on[was_state[key]]} in {where}: a fork continues "
+                f"that job's optimizer state, whose variables this changes"
+            )
+        problems.append(Problem(f"optimizer.{key}", why))
+    float16 = "mixed_float16"
+    if (source.runtime.precision == float16) != (fork.runtime.precision == float16):
+        problems.append(
+            Problem(
+                "runtime.precision",
+                f"{fork.runtime.precision} here, {source.runtime.precision} in {where}: "
+                f"{float16} adds loss-scaling state to the optimizer, so a fork keeps it on or "
+                "off",
+            )
+        )
+    if source.dataset.name == fork.dataset.name:
+        for key in _DATA_SHAPES:
+            was, now = getattr(source.dataset, key), getattr(fork.dataset, key)
+            if was != now:
+                problems.append(
+                    Problem(
+                        f"dataset.{key}",
+                        f"{now} here, {was} in {where}: it decides the model's shapes, "
+                        f"which a fork keeps",
+                    )
+                )
+    return problems

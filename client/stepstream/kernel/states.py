@@ -1,12 +1,35 @@
-"""Job states: the one list of them, and which are final."""
+"""States of jobs, experiments and trials: the one list of each, and which are final."""
 
 from __future__ import annotations
 
 from enum import Enum
 
 
-class JobState(str, Enum):
-    """A job's state. Compares equal to its name, so `info.state == "SUCCEEDED"` holds."""
+class _State(str, Enum):
+    """Compares equal to its name, so `info.state == "SUCCEEDED"` holds."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self.value not in ("QUEUED", "RUNNING", "CANCELLING")
+
+    @classmethod
+    def parse(cls, text: str):
+        """From a name in any case, with or without the wire's prefix (JOB_STATE_, ...)."""
+        prefix = {"JobState": "JOB_STATE_", "ExperimentState": "EXPERIMENT_STATE_",
+                  "TrialState": "TRIAL_STATE_"}[cls.__name__]  # fmt: skip
+        try:
+            return cls(text.upper().removeprefix(prefix))
+        except ValueError:
+            noun = cls.__name__.removesuffix("State").lower()
+            valid = ", ".join(sorted(s.value for s in cls))
+            raise ValueError(f"unknown {noun} state {text!r}; valid: {valid}") from None
+
+
+class JobState(_State):
+    """A job's state."""
 
     QUEUED = "QUEUED"
     RUNNING = "RUNNING"
@@ -15,21 +38,25 @@ class JobState(str, Enum):
     CANCELLING = "CANCELLING"
     CANCELLED = "CANCELLED"
 
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-    @classmethod
-    def parse(cls, text: str) -> JobState:
-        """From a name in any case, with or without the wire's JOB_STATE_ prefix."""
-        try:
-            return cls(text.upper().removeprefix("JOB_STATE_"))
-        except ValueError:
-            valid = ", ".join(sorted(s.value for s in cls))
-            raise ValueError(f"unknown job state {text!r}; valid: {valid}") from None
-
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+class ExperimentState(_State):
+    """An experiment's state: RUNNING until its last trial ends, then final."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"  # every trial it was to run has ended (some may have been pruned)
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class TrialState(_State):
+    """A trial's state. RUNNING covers its job's whole life, queued included; PRUNED is a
+    trial the pruner stopped early, at the step it records."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    PRUNED = "PRUNED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"

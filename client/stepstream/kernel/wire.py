@@ -12,10 +12,12 @@ from google.protobuf import timestamp_pb2
 
 from stepstream.kernel.events import KINDS, PAYLOAD_FIELDS, Event, from_payload
 from stepstream.kernel.failures import Failure
-from stepstream.kernel.states import JobState
+from stepstream.kernel.states import ExperimentState, JobState, TrialState
 from stepstream.v1 import trainer_pb2 as pb
 
 _PREFIX = "JOB_STATE_"
+_EXPERIMENT_PREFIX = "EXPERIMENT_STATE_"
+_TRIAL_PREFIX = "TRIAL_STATE_"
 # The JobEvent oneof field of each kind, and the message type it holds.
 ONEOF = {"step": "step", "eval": "eval", "checkpoint": "checkpoint", "log": "log",
          "state": "state_change", "result": "result"}  # fmt: skip
@@ -58,6 +60,22 @@ def state_to_proto(state: JobState | str) -> int:
 
 def state_from_proto(value: int) -> JobState:
     return JobState(pb.JobState.Name(value).removeprefix(_PREFIX))
+
+
+def experiment_state_to_proto(state: ExperimentState | str) -> int:
+    return pb.ExperimentState.Value(_EXPERIMENT_PREFIX + ExperimentState(state).value)
+
+
+def experiment_state_from_proto(value: int) -> ExperimentState:
+    return ExperimentState(pb.ExperimentState.Name(value).removeprefix(_EXPERIMENT_PREFIX))
+
+
+def trial_state_to_proto(state: TrialState | str) -> int:
+    return pb.TrialState.Value(_TRIAL_PREFIX + TrialState(state).value)
+
+
+def trial_state_from_proto(value: int) -> TrialState:
+    return TrialState(pb.TrialState.Name(value).removeprefix(_TRIAL_PREFIX))
 
 
 def failure_to_proto(failure: Failure | None) -> pb.Failure | None:

@@ -16,6 +16,23 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLING: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class ExperimentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPERIMENT_STATE_UNSPECIFIED: _ClassVar[ExperimentState]
+    EXPERIMENT_STATE_RUNNING: _ClassVar[ExperimentState]
+    EXPERIMENT_STATE_SUCCEEDED: _ClassVar[ExperimentState]
+    EXPERIMENT_STATE_FAILED: _ClassVar[ExperimentState]
+    EXPERIMENT_STATE_CANCELLED: _ClassVar[ExperimentState]
+
+class TrialState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRIAL_STATE_UNSPECIFIED: _ClassVar[TrialState]
+    TRIAL_STATE_RUNNING: _ClassVar[TrialState]
+    TRIAL_STATE_SUCCEEDED: _ClassVar[TrialState]
+    TRIAL_STATE_PRUNED: _ClassVar[TrialState]
+    TRIAL_STATE_FAILED: _ClassVar[TrialState]
+    TRIAL_STATE_CANCELLED: _ClassVar[TrialState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -23,6 +40,17 @@ JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLING: JobState
 JOB_STATE_CANCELLED: JobState
+EXPERIMENT_STATE_UNSPECIFIED: ExperimentState
+EXPERIMENT_STATE_RUNNING: ExperimentState
+EXPERIMENT_STATE_SUCCEEDED: ExperimentState
+EXPERIMENT_STATE_FAILED: ExperimentState
+EXPERIMENT_STATE_CANCELLED: ExperimentState
+TRIAL_STATE_UNSPECIFIED: TrialState
+TRIAL_STATE_RUNNING: TrialState
+TRIAL_STATE_SUCCEEDED: TrialState
+TRIAL_STATE_PRUNED: TrialState
+TRIAL_STATE_FAILED: TrialState
+TRIAL_STATE_CANCELLED: TrialState
 
 class Job(_message.Message):
     __slots__ = ("name", "display_name", "state", "spec_json", "labels", "priority", "create_time", "start_time", "end_time", "attempts", "max_attempts", "failure", "step", "total_steps", "loss", "accuracy", "mae", "test_metrics", "model_available", "last_seq", "request_id", "worker")
@@ -423,3 +451,134 @@ class JobSpecSchema(_message.Message):
     JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     json_schema: str
     def __init__(self, json_schema: _Optional[str] = ...) -> None: ...
+
+class Experiment(_message.Message):
+    __slots__ = ("name", "display_name", "state", "spec_json", "create_time", "end_time", "trials", "best_trial", "best_value", "objective", "direction", "max_trials", "message", "last_seq", "study_storage", "trial_counts", "cancel_requested", "priority", "request_id")
+    class TrialCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    TRIALS_FIELD_NUMBER: _ClassVar[int]
+    BEST_TRIAL_FIELD_NUMBER: _ClassVar[int]
+    BEST_VALUE_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    STUDY_STORAGE_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    display_name: str
+    state: ExperimentState
+    spec_json: str
+    create_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    trials: _containers.RepeatedCompositeFieldContainer[Trial]
+    best_trial: int
+    best_value: float
+    objective: str
+    direction: str
+    max_trials: int
+    message: str
+    last_seq: int
+    study_storage: str
+    trial_counts: _containers.ScalarMap[str, int]
+    cancel_requested: bool
+    priority: int
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., spec_json: _Optional[str] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ..., best_trial: _Optional[int] = ..., best_value: _Optional[float] = ..., objective: _Optional[str] = ..., direction: _Optional[str] = ..., max_trials: _Optional[int] = ..., message: _Optional[str] = ..., last_seq: _Optional[int] = ..., study_storage: _Optional[str] = ..., trial_counts: _Optional[_Mapping[str, int]] = ..., cancel_requested: bool = ..., priority: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class Trial(_message.Message):
+    __slots__ = ("number", "job", "state", "params_json", "value", "step", "reason", "seq", "create_time", "end_time")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    number: int
+    job: str
+    state: TrialState
+    params_json: str
+    value: float
+    step: int
+    reason: str
+    seq: int
+    create_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, number: _Optional[int] = ..., job: _Optional[str] = ..., state: _Optional[_Union[TrialState, str]] = ..., params_json: _Optional[str] = ..., value: _Optional[float] = ..., step: _Optional[int] = ..., reason: _Optional[str] = ..., seq: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateExperimentRequest(_message.Message):
+    __slots__ = ("spec_json", "request_id", "priority")
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    spec_json: str
+    request_id: str
+    priority: int
+    def __init__(self, spec_json: _Optional[str] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class GetExperimentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListExperimentsRequest(_message.Message):
+    __slots__ = ("filter", "page_size", "page_token")
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    filter: str
+    page_size: int
+    page_token: str
+    def __init__(self, filter: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListExperimentsResponse(_message.Message):
+    __slots__ = ("experiments", "next_page_token")
+    EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    experiments: _containers.RepeatedCompositeFieldContainer[Experiment]
+    next_page_token: str
+    def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelExperimentRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WatchExperimentRequest(_message.Message):
+    __slots__ = ("name", "after_seq")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    after_seq: int
+    def __init__(self, name: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
+
+class WatchExperimentResponse(_message.Message):
+    __slots__ = ("experiment", "trials", "seq")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    TRIALS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    experiment: Experiment
+    trials: _containers.RepeatedCompositeFieldContainer[Trial]
+    seq: int
+    def __init__(self, experiment: _Optional[_Union[Experiment, _Mapping]] = ..., trials: _Optional[_Iterable[_Union[Trial, _Mapping]]] = ..., seq: _Optional[int] = ...) -> None: ...

@@ -95,6 +95,31 @@ class TrainerServiceStub(object):
                 request_serializer=stepstream_dot_v1_dot_trainer__pb2.GetJobSpecSchemaRequest.SerializeToString,
                 response_deserializer=stepstream_dot_v1_dot_trainer__pb2.JobSpecSchema.FromString,
                 _registered_method=True)
+        self.CreateExperiment = channel.unary_unary(
+                '/stepstream.v1.TrainerService/CreateExperiment',
+                request_serializer=stepstream_dot_v1_dot_trainer__pb2.CreateExperimentRequest.SerializeToString,
+                response_deserializer=stepstream_dot_v1_dot_trainer__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.GetExperiment = channel.unary_unary(
+                '/stepstream.v1.TrainerService/GetExperiment',
+                request_serializer=stepstream_dot_v1_dot_trainer__pb2.GetExperimentRequest.SerializeToString,
+                response_deserializer=stepstream_dot_v1_dot_trainer__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.ListExperiments = channel.unary_unary(
+                '/stepstream.v1.TrainerService/ListExperiments',
+                request_serializer=stepstream_dot_v1_dot_trainer__pb2.ListExperimentsRequest.SerializeToString,
+                response_deserializer=stepstream_dot_v1_dot_trainer__pb2.ListExperimentsResponse.FromString,
+                _registered_method=True)
+        self.CancelExperiment = channel.unary_unary(
+                '/stepstream.v1.TrainerService/CancelExperiment',
+                request_serializer=stepstream_dot_v1_dot_trainer__pb2.CancelExperimentRequest.SerializeToString,
+                response_deserializer=stepstream_dot_v1_dot_trainer__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.WatchExperiment = channel.unary_stream(
+                '/stepstream.v1.TrainerService/WatchExperiment',
+                request_serializer=stepstream_dot_v1_dot_trainer__pb2.WatchExperimentRequest.SerializeToString,
+                response_deserializer=stepstream_dot_v1_dot_trainer__pb2.WatchExperimentResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer(object):
@@ -194,6 +219,45 @@ class TrainerServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateExperiment(self, request, context):
+        """Creates an experiment: a search over a base job's fields whose every trial is an ordinary
+        job, labelled experiment=<experiment id> and trial=<number>. The same request_id again
+        returns the same experiment; the same request_id with a different spec is ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperiment(self, request, context):
+        """The experiment with every trial.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperiments(self, request, context):
+        """Newest first, without their trials (trial_counts says how many are in each state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelExperiment(self, request, context):
+        """Best effort: no trial starts after it, the running ones are cancelled, and the experiment
+        ends CANCELLED. Cancelling a finished experiment is FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchExperiment(self, request, context):
+        """The experiment and the trials changed after after_seq, then every change as it happens;
+        the stream closes after the message that shows the experiment ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +320,31 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetJobSpecSchema,
                     request_deserializer=stepstream_dot_v1_dot_trainer__pb2.GetJobSpecSchemaRequest.FromString,
                     response_serializer=stepstream_dot_v1_dot_trainer__pb2.JobSpecSchema.SerializeToString,
+            ),
+            'CreateExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateExperiment,
+                    request_deserializer=stepstream_dot_v1_dot_trainer__pb2.CreateExperimentRequest.FromString,
+                    response_serializer=stepstream_dot_v1_dot_trainer__pb2.Experiment.SerializeToString,
+            ),
+            'GetExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperiment,
+                    request_deserializer=stepstream_dot_v1_dot_trainer__pb2.GetExperimentRequest.FromString,
+                    response_serializer=stepstream_dot_v1_dot_trainer__pb2.Experiment.SerializeToString,
+            ),
+            'ListExperiments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperiments,
+                    request_deserializer=stepstream_dot_v1_dot_trainer__pb2.ListExperimentsRequest.FromString,
+                    response_serializer=stepstream_dot_v1_dot_trainer__pb2.ListExperimentsResponse.SerializeToString,
+            ),
+            'CancelExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExperiment,
+                    request_deserializer=stepstream_dot_v1_dot_trainer__pb2.CancelExperimentRequest.FromString,
+                    response_serializer=stepstream_dot_v1_dot_trainer__pb2.Experiment.SerializeToString,
+            ),
+            'WatchExperiment': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchExperiment,
+                    request_deserializer=stepstream_dot_v1_dot_trainer__pb2.WatchExperimentRequest.FromString,
+                    response_serializer=stepstream_dot_v1_dot_trainer__pb2.WatchExperimentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -583,6 +672,141 @@ class TrainerService(object):
             '/stepstream.v1.TrainerService/GetJobSpecSchema',
             stepstream_dot_v1_dot_trainer__pb2.GetJobSpecSchemaRequest.SerializeToString,
             stepstream_dot_v1_dot_trainer__pb2.JobSpecSchema.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepstream.v1.TrainerService/CreateExperiment',
+            stepstream_dot_v1_dot_trainer__pb2.CreateExperimentRequest.SerializeToString,
+            stepstream_dot_v1_dot_trainer__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepstream.v1.TrainerService/GetExperiment',
+            stepstream_dot_v1_dot_trainer__pb2.GetExperimentRequest.SerializeToString,
+            stepstream_dot_v1_dot_trainer__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperiments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepstream.v1.TrainerService/ListExperiments',
+            stepstream_dot_v1_dot_trainer__pb2.ListExperimentsRequest.SerializeToString,
+            stepstream_dot_v1_dot_trainer__pb2.ListExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stepstream.v1.TrainerService/CancelExperiment',
+            stepstream_dot_v1_dot_trainer__pb2.CancelExperimentRequest.SerializeToString,
+            stepstream_dot_v1_dot_trainer__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stepstream.v1.TrainerService/WatchExperiment',
+            stepstream_dot_v1_dot_trainer__pb2.WatchExperimentRequest.SerializeToString,
+            stepstream_dot_v1_dot_trainer__pb2.WatchExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,

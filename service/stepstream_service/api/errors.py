@@ -23,7 +23,11 @@ from stepstream.kernel.spec import SpecError
 from stepstream_service.api.auth import Unauthenticated
 from stepstream_service.errors import JobTooLarge, TrainerError
 from stepstream_service.store import AlreadyExists, JobFinished, JobNotFound, QueueFull
-from stepstream_service.store.errors import StorageQuotaExceeded
+from stepstream_service.store.errors import (
+    ExperimentFinished,
+    ExperimentNotFound,
+    StorageQuotaExceeded,
+)
 
 log = logging.getLogger(__name__)
 DOMAIN = "stepstream"
@@ -70,8 +74,10 @@ ERRORS: list[tuple[type[Exception], grpc.StatusCode]] = [
     (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (JobNotFound, grpc.StatusCode.NOT_FOUND),
+    (ExperimentNotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (JobFinished, grpc.StatusCode.FAILED_PRECONDITION),
+    (ExperimentFinished, grpc.StatusCode.FAILED_PRECONDITION),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (JobTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from stepstream.kernel import names
 from stepstream.kernel.schema import schema_text
-from stepstream.kernel.spec import JobSpec, SpecError, SpecLimits
+from stepstream.kernel.spec import JobSpec, SpecError, SpecLimits, fork_conflicts
 from stepstream.kernel.states import TERMINAL
 from stepstream.v1 import trainer_pb2 as pb
 from stepstream.v1 import trainer_pb2_grpc
@@ -34,12 +34,14 @@ from stepstream_service.api.convert import (
 )
 from stepstream_service.api.downloads import Downloads, chunks
 from stepstream_service.api.errors import (
+    FailedPrecondition,
     InvalidArgument,
     ResourceExhausted,
     Unavailable,
     handled,
     violations,
 )
+from stepstream_service.api.experiments import ExperimentRpcs
 from stepstream_service.api.history import history
 from stepstream_service.api.watch import (
     MAX_PACE,
@@ -54,12 +56,13 @@ from stepstream_service.engine import config_footprint, footprint, uploads
 from stepstream_service.errors import DatasetInvalid, JobTooLarge, TrainerError
 from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.tail import EventTail
-from stepstream_service.store import Job, NewJob, Store, WorkerInfo, quota
+from stepstream_service.store import Job, JobNotFound, NewJob, Store, WorkerInfo, quota
 from stepstream_service.store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 
 _UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_CHECKPOINT_FILE = re.compile(r"^step-(\d+)\.keras$")  # as artifacts.checkpoint_name writes it
 CHUNK = 1024 * 1024
 RESERVED_THREADS = 32  # RPC threads kept for unary calls however many streams are open
 LISTED_UPLOADS = 20  # a path that names no upload is answered with at most this many
@@ -92,6 +95,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.protos = ProtoCache()
         self.schema = schema_text()
         self.draining = False
+        self.experiments = ExperimentRpcs(self)
 
     def _check_open(self) -> None:
         if self.draining:
@@ -107,13 +111,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             spec = spec_of(request.spec_json, self.limits, self.settings.max_spec_bytes)
         except (SpecError, InvalidArgument) as exc:
             spec, refused = None, exc
-        if spec is not None and tenant is not None and spec.dataset.name in names.FILE_DATASETS:
-            mine = f"uploads/{tenant}/"
-            for field in ("path", "validation_path", "test_path"):
-                path = getattr(spec.dataset, field)
-                if path is not None and (not path.startswith(mine) or ".." in path):
-                    where = f"must be one of your uploads, {mine}NAME.EXT as uploaded"
-                    bad.append((f"spec.dataset.{field}", where))
+        if spec is not None:
+            bad += [(f"spec.{field}", why) for field, why in self._foreign_paths(spec, tenant)]
         if request.priority and not -1000 <= request.priority <= 1000:
             bad.append(("priority", "must be between -1000 and 1000"))
         if len(request.request_id) > 128 or not request.request_id.isprintable():
@@ -127,6 +126,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if bad:
             raise InvalidArgument.each(bad)
         assert spec is not None
+        self._check_fork(spec, tenant)
         self._check_dataset(spec, tenant)
         self._check_weights(spec, tenant)
         self._check_storage(tenant)
@@ -150,6 +150,60 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             self.metrics.submissions.inc()
             log.info("job %s: created (%s)", job.id, spec.name)
         return job_to_proto(job)
+
+    def _check_fork(self, spec: JobSpec, tenant: str | None) -> None:
+        """A fork (spec init_from) names a job of its tenant whose checkpoint its model and
+        optimizer can start from, past which it trains: INVALID_ARGUMENT naming the field
+        otherwise, or FAILED_PRECONDITION while that job has no checkpoint yet."""
+        init = spec.init_from
+        if init is None:
+            return
+        try:
+            source = self.store.get_job(init.job, tenant)
+        except JobNotFound:  # another tenant's job reads the same as one that never was
+            raise InvalidArgument("spec.init_from.job", f"{init.job} names no job") from None
+        try:
+            before = JobSpec.parse(source.spec)
+        except SpecError:  # written by another version: the worker finds out what won't fit
+            before = None
+        problems = fork_conflicts(before, spec, source.id) if before is not None else []
+        if problems:
+            raise InvalidArgument.each([(f"spec.{p.field}", p.message) for p in problems])
+        listed = self.artifacts.files(f"jobs/{source.id}/checkpoints")
+        found = (_CHECKPOINT_FILE.match(name) for name in listed)
+        steps = sorted(int(match[1]) for match in found if match)
+        if not steps:
+            yet = "" if source.terminal else " yet"
+            raise FailedPrecondition(
+                f"spec.init_from.job: {source.id} ({source.state.value}) has no checkpoint"
+                f"{yet} to fork from; a job keeps checkpoints when its training.checkpoint_every "
+                "is set: every that many steps, and its last step's when it succeeds"
+            )
+        start = steps[-1] if init.step == "latest" else init.step
+        if start not in steps:
+            kept = ", ".join(map(str, steps))
+            raise InvalidArgument(
+                "spec.init_from.step", f"{source.id} keeps checkpoints at steps {kept} only"
+            )
+        total = spec.training.steps
+        if total is not None and total <= start:
+            raise InvalidArgument(
+                "spec.training.steps",
+                f"{total} is not past step {start} of {source.id}, where the fork starts: "
+                "it trains from there up to training.steps",
+            )
+
+    def _foreign_paths(self, spec: JobSpec, tenant: str | None) -> list[tuple[str, str]]:
+        """(field, why) of each dataset path of a tenant's job that is not its own upload."""
+        if tenant is None or spec.dataset.name not in names.FILE_DATASETS:
+            return []
+        mine, bad = f"uploads/{tenant}/", []
+        for field in ("path", "validation_path", "test_path"):
+            path = getattr(spec.dataset, field)
+            if path is not None and (not path.startswith(mine) or ".." in path):
+                where = f"must be one of your uploads, {mine}NAME.EXT as uploaded"
+                bad.append((f"dataset.{field}", where))
+        return bad
 
     @handled
     def GetJob(self, request, context):
@@ -492,6 +546,28 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def GetJobSpecSchema(self, request, context):
         self.auth.tenant_of(context)
         return pb.JobSpecSchema(json_schema=self.schema)
+
+    # Experiments: api.experiments holds them, over the same auth, limits and checks.
+
+    @handled
+    def CreateExperiment(self, request, context):
+        return self.experiments.create(request, context)
+
+    @handled
+    def GetExperiment(self, request, context):
+        return self.experiments.get(request, context)
+
+    @handled
+    def ListExperiments(self, request, context):
+        return self.experiments.list(request, context)
+
+    @handled
+    def CancelExperiment(self, request, context):
+        return self.experiments.cancel(request, context)
+
+    @handled
+    def WatchExperiment(self, request, context) -> Iterator[pb.WatchExperimentResponse]:
+        yield from self.experiments.watch(request, context)
 
     def _check_fits(self, spec: JobSpec) -> None:
         """Refuse a job that no live worker could ever hold: its estimated peak memory

@@ -32,6 +32,7 @@ from stepstream_service.engine.step_record import STEP_COUNT, STEP_LOSSES, STEP_
 from stepstream_service.engine.streams import Stream
 from stepstream_service.engine.tensorboard import FOLDER as BOARD_FOLDER
 from stepstream_service.engine.tensorboard import Board
+from stepstream_service.errors import TrainerError
 from stepstream_service.store.artifacts import (
     CheckpointScan,
     checkpoint_name,
@@ -47,6 +48,23 @@ MAX_WINDOW = 100
 WINDOW_SECONDS = 0.1  # also bounds how stale a streamed step can be
 # Metrics where larger is better; everything else (loss, errors) is minimised.
 _MAXIMISED = ("accuracy", "auc", "precision", "recall", "r2_score", "cosine_similarity")
+
+
+@dataclass(frozen=True)
+class ForkSource:
+    """Where a fork starts: the checkpoints of the job it forks, fetched into `folder`'s
+    checkpoints/ (as pull_checkpoint leaves them); `step` is the one to start from (the newest
+    intact one when None)."""
+
+    job: str
+    folder: Path
+    step: int | None = None
+
+
+class ForkFailed(TrainerError):
+    """A fork's source checkpoint is missing, or does not fit the fork's model or optimizer."""
+
+    reason = "fork_failed"
 
 
 @dataclass
@@ -69,6 +87,8 @@ def train(
     job_id: str | None = None,
     handing_back: Callable[[], bool] = lambda: False,
     tensorboard: bool = True,
+    start_from: ForkSource | None = None,
+    final_checkpoint: bool = False,
 ) -> ResultEvent:
     """Train `spec`, emitting events; return (and emit) the final ResultEvent.
 
@@ -80,6 +100,11 @@ def train(
     files in `workdir`/tensorboard (see engine.tensorboard).
     When `should_stop` stops the run and `handing_back()` is true (its process is shutting
     down, not cancelling), a checkpoint is written first, so the next attempt loses no step.
+    With `start_from` (a fork) and no checkpoint of its own to resume from, training starts
+    from that job's checkpoint: its weights, optimizer state and step, with this spec's
+    hyperparameters; one that does not fit raises ForkFailed. With `final_checkpoint`, a job
+    that checkpoints (training.checkpoint_every) and succeeds also keeps a checkpoint of its
+    last step, which no event announces: the state a fork of it starts from.
     """
     started = time.monotonic()
     workdir = Path(workdir)
@@ -95,6 +120,7 @@ def train(
             run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started, job_id)
             run.handing_back = handing_back
             run.resume_upto = resume_upto
+            run.fork, run.final_checkpoint = start_from, final_checkpoint
             result = run.execute(resume)
         emit(result)
     finally:
@@ -166,6 +192,9 @@ class _Run:
         self.should_stop: ShouldStop = should_stop
         self.handing_back: Callable[[], bool] = lambda: False
         self.resume_upto: int | None = None  # see train()
+        self.fork: ForkSource | None = None  # see train()
+        self.final_checkpoint = False  # see train()
+        self.saved_step: int | None = None  # the step of the last checkpoint written
         self.workdir: Path = workdir
         self.paths: DataPaths = paths
         self.started: float = started
@@ -241,6 +270,8 @@ class _Run:
         )
 
         start = self._resume(model) if resume else 0
+        if start == 0 and self.fork is not None:
+            start = self._fork(model)
         for r in self.recorders:
             r.count.assign(0)
         return self._fit(start)
@@ -271,6 +302,48 @@ class _Run:
             variable.assign(value)
         self.warn(scan.resumed_from(None))
         return 0
+
+    def _fork(self, model: keras.Model) -> int:
+        """Start from the forked job's checkpoint: its weights, its optimizer's state and its
+        step. This spec's learning rate then replaces the one the state brought back; a
+        schedule is no variable, and takes up from the restored step by itself."""
+        source = self.fork
+        assert source is not None
+        scan = CheckpointScan(source.folder / "checkpoints")
+        model.optimizer.build(model.trainable_variables)
+        for step, path in scan.intact():
+            if source.step is not None and step != source.step:
+                continue
+            try:
+                model.load_weights(path)
+            except Exception as exc:  # whole by its checksum: another model's weights
+                log.warning("job %s: checkpoint %s not loaded", self.job_id, path, exc_info=True)
+                raise ForkFailed(
+                    f"the checkpoint of {source.job} at step {step} does not fit this job's "
+                    f"model ({type(exc).__name__}); a fork keeps the model's architecture and "
+                    "layer sizes"
+                ) from None
+            # Keras skips, with only a warning, optimizer state that does not fit its variables.
+            if int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 0:
+                raise ForkFailed(
+                    f"the optimizer state in the checkpoint of {source.job} at step {step} "
+                    f"does not fit this job's optimizer ({self.spec.optimizer.name}); a fork "
+                    "keeps the optimizer"
+                )
+            said = f"forked from {source.job} at step {step} (checkpoint {path.name})"
+            if not callable(self.schedule):
+                restored = _rate(model.optimizer)
+                model.optimizer.learning_rate = float(self.schedule)
+                # Read back from the optimizer: the rate it trains with, not the spec's.
+                said += f"; learning rate {_rate(model.optimizer):g} (it was {restored:g})"
+            if scan.problems:
+                self.warn(f"{'; '.join(scan.problems)}; {said}")
+            else:
+                self.log(said)
+            return step
+        at = f" at step {source.step}" if source.step is not None else ""
+        why = f" ({'; '.join(scan.problems)})" if scan.problems else ""
+        raise ForkFailed(f"{source.job} has no intact checkpoint{at} to start from{why}")
 
     def _step_value(self, data: Data) -> str:
         if data.task == "regression":
@@ -357,6 +430,9 @@ class _Run:
         steps = stream.step
         if outcome.outcome != "succeeded":
             return self._result(outcome, steps)
+        every = self.spec.training.checkpoint_every
+        if self.final_checkpoint and every and steps > start and self.saved_step != steps:
+            self._save_checkpoint(steps)
         test_metrics = {}
         if self.data.has_test:
             test_metrics = self._evaluate(*self._split("test"))
@@ -410,13 +486,17 @@ class _Run:
         return {k: float(v) for k, v in values.items()}
 
     def checkpoint(self, step: int) -> None:
+        path = self._save_checkpoint(step)
+        self.emit(CheckpointEvent(step, str(path), time.time()))
+
+    def _save_checkpoint(self, step: int) -> Path:
         folder = self.workdir / "checkpoints"
         folder.mkdir(exist_ok=True)
         _sync(self.model)
         _atomic_save(self.model, folder / checkpoint_name(step))
+        self.saved_step = step
         # Its sha256 recorded, and older ones pruned: a resume checks each before loading.
-        path = record_checkpoint(folder, step)
-        self.emit(CheckpointEvent(step, str(path), time.time()))
+        return record_checkpoint(folder, step)
 
     def learning_rates(self, first: int, count: int) -> np.ndarray:
         """The rate used by steps first..first+count-1 (1-based), in one vectorised call."""
@@ -558,6 +638,10 @@ def _maximised(name: str, mode: str) -> bool:
 
 def _better_or_equal(value: float, target: float, name: str, mode: str) -> bool:
     return value >= target if _maximised(name, mode) else value <= target
+
+
+def _rate(optimizer: keras.optimizers.Optimizer) -> float:
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
 
 
 def _sync(model: keras.Model) -> None:

@@ -103,6 +103,18 @@ class Metrics:
         self.workers = Gauge(
             "trainer_workers", "Worker processes by status.", ("status",), registry=registry
         )
+        self.experiment_trials = Gauge(
+            "trainer_experiment_trials",
+            "Trials of each running experiment by state.",
+            ("experiment_id", "state"),
+            registry=registry,
+        )
+        self.experiment_best = Gauge(
+            "trainer_experiment_best_objective",
+            "The best objective value of each running experiment's trials so far.",
+            ("experiment_id",),
+            registry=registry,
+        )
         for state in TERMINAL:
             self.completions.labels(state.value)
         for reason in _REASONS:

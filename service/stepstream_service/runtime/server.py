@@ -29,6 +29,7 @@ from stepstream_service.api.auth import Auth, TokenTable, is_loopback, server_cr
 from stepstream_service.api.interceptors import DecodeGuard
 from stepstream_service.api.servicer import TrainerServicer
 from stepstream_service.config import WORKER_RETIRED, Settings
+from stepstream_service.runtime.experiments import Controller
 from stepstream_service.runtime.metrics import Metrics, WorkerHostMetrics
 from stepstream_service.runtime.priority import yield_cpu
 from stepstream_service.runtime.slots import lock_path
@@ -280,6 +281,7 @@ class Server:
         self.artifacts = ArtifactStore(settings.artifacts_url, settings.artifact_options)
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry, job_names=settings.metrics_job_names)
+        self.experiments = Controller(settings, self.store, self.metrics)
         self.wakeups = Wakeups(settings.store_url, (EVENTS_CHANNEL,))
         poll = (
             settings.notify_poll_seconds if self.wakeups.listening else settings.tail_poll_seconds
@@ -359,6 +361,7 @@ class Server:
         self.metrics_port = http.server_port
         if self.supervisor:
             self.supervisor.start()
+        self.experiments.start()
         threading.Thread(target=self._housekeeping, name="rescuer", daemon=True).start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -452,6 +455,7 @@ class Server:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.stopping.set()
+        self.experiments.stop()  # its experiments go to another server at once
         if self.supervisor:
             self.supervisor.stop(grace)
         self.grpc.stop(grace=1.0).wait()

@@ -15,12 +15,14 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy.exc
 
@@ -36,6 +38,7 @@ from stepstream_service.errors import OutOfMemory, TrainerError
 from stepstream_service.store import QUEUE_CHANNEL, Job, JobState, LeaseLost, NewEvent, Store
 from stepstream_service.store.artifacts import (
     ArtifactStore,
+    CheckpointScan,
     pull_checkpoint,
     pull_folder,
     push_checkpoint,
@@ -44,6 +47,9 @@ from stepstream_service.store.artifacts import (
 from stepstream_service.store.errors import StorageQuotaExceeded
 from stepstream_service.store.quota import check_quota, count_artifacts
 from stepstream_service.store.wakeups import Wakeups
+
+if TYPE_CHECKING:  # the engine imports the framework: the worker loads it once, in main()
+    from stepstream_service.engine.trainer import ForkSource
 
 log = logging.getLogger(__name__)
 # The database is restarting or unreachable: what the worker has is kept and written later.
@@ -161,9 +167,10 @@ class _JobRun:
                 self.pending = []
                 self.writing = True
             try:
-                self.worker.store.append_events(
+                appended = self.worker.store.append_events(
                     self.job.id, self.worker.id, [NewEvent.of(e) for e in batch], _progress(batch)
                 )
+                self.cancel = self.cancel or appended.cancel_requested
                 batch, self.store_down = [], False
             except LeaseLost:
                 log.warning("job %s: lease lost; stopping without writing more", self.job.id)
@@ -311,7 +318,20 @@ class Worker:
             log.info("job %s: %s", job.id, attempt)
             # In the job's events too: a resumed job's history shows where each attempt began.
             run.emit(LogEvent(attempt, time.time()))
-            self._run(job, run)
+            try:
+                source = self._fork_source(job, run.workdir)
+            except Exception as exc:  # the store's URL and paths stay in the worker's log
+                log.exception("job %s: fetching the checkpoint it forks failed", job.id)
+                reason = exc.reason if isinstance(exc, TrainerError) else "internal_error"
+                forked = job.spec["init_from"].get("job")
+                message = f"the checkpoint of {forked} to start from could not be fetched"
+                self._fail(run, reason, f"{message} ({type(exc).__name__})")
+                return
+            try:
+                self._run(job, run, source)
+            finally:
+                if source is not None:
+                    shutil.rmtree(source.folder, ignore_errors=True)
 
     def _attempt(self, job: Job, workdir: Path) -> str:
         """Fetch the checkpoint an earlier attempt left; the line that starts this attempt."""
@@ -326,6 +346,34 @@ class Worker:
         if step is None:
             return f"{said}, starting from step 0 (no intact checkpoint)"
         return f"{said}, resuming from step {step}"
+
+    def _fork_source(self, job: Job, workdir: Path) -> ForkSource | None:
+        """For a fork (spec init_from) with no intact checkpoint of its own yet: the newest
+        intact checkpoint of the job it forks (or the one at init_from.step), fetched into a
+        folder of its own that the caller removes, and checked as a resume checks its own.
+        None for any other job."""
+        from stepstream_service.engine.trainer import ForkSource
+
+        init = job.spec.get("init_from")
+        if not isinstance(init, dict):
+            return None
+        if job.attempts > 1 and CheckpointScan(workdir / "checkpoints", job.step).newest_intact():
+            return None  # _attempt fetched this job's own: training resumes from that
+        step = init.get("step")
+        step = step if isinstance(step, int) else None
+        # A retry after steps were stored starts at or before the last of them, as a resume
+        # does, so the history has no hole (the source may have moved on since).
+        upto = step if step is not None else (job.step or None)
+        # Outside the job's folder, whose files count as its artifacts.
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".fork-{job.id}-", dir=self.settings.data_dir))
+        try:
+            found = pull_checkpoint(self.artifacts, folder, init["job"], upto=upto)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        log.info("job %s: forks job %s (its checkpoint at step %s)", job.id, init["job"], found)
+        return ForkSource(job=init["job"], folder=folder, step=step)
 
     def _inputs(self, job: Job, spec: JobSpec, workdir: Path) -> None:
         """Fetch what an upload left in the artifact store (the checkpoint: see _attempt)."""
@@ -366,7 +414,7 @@ class Worker:
                 )
         log.info("job %s: needs %s", job.id, need.describe())
 
-    def _run(self, job: Job, run: _JobRun) -> None:
+    def _run(self, job: Job, run: _JobRun, source: ForkSource | None = None) -> None:
         from stepstream_service.engine.trainer import NoGPU, train
 
         try:
@@ -386,10 +434,14 @@ class Worker:
                     resume_upto=job.step,
                     job_id=job.id,
                     handing_back=lambda: self.stopping.is_set() and not run.cancel,
+                    start_from=source,
+                    final_checkpoint=True,
                 )
             finally:  # whatever was written, however the run ended
                 self._keep_tensorboard(job, run.workdir)
             result = run.settled(result)
+            if result.outcome == "succeeded" and spec.training.checkpoint_every:
+                self._keep_final_state(job, run.workdir)
             if result.outcome == "succeeded" and result.model_path:
                 key = f"jobs/{job.id}/model.keras"
                 self.artifacts.put(Path(result.model_path), key)
@@ -416,6 +468,15 @@ class Worker:
         if run.lost:
             return
         self._finish(run, result)
+
+    def _keep_final_state(self, job: Job, workdir: Path) -> None:
+        """The checkpoint of the last step (which no event announced, see train) to the
+        artifact store: what a fork of this job starts from, on any machine. Not a reason to
+        fail the job: a fork would then start from the checkpoint before it."""
+        try:
+            push_checkpoint(self.artifacts, workdir, job.id)
+        except Exception:
+            log.warning("job %s: its final checkpoint not stored", job.id, exc_info=True)
 
     def _keep_tensorboard(self, job: Job, workdir: Path) -> None:
         """The job's TensorBoard files to the artifact store (a view of the job: never a

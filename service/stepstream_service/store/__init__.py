@@ -11,12 +11,13 @@ from stepstream_service.store.errors import (
     QueueFull,
 )
 from stepstream_service.store.events import EVENTS_CHANNEL, EventRow, NewEvent
+from stepstream_service.store.experiments import Experiment, Experiments, NewExperiment, Trial
 from stepstream_service.store.jobs import QUEUE_CHANNEL, Job, NewJob, new_job_id
 from stepstream_service.store.queue import Queue
 from stepstream_service.store.workers import WorkerInfo, Workers
 
 
-class Store(Queue, Workers):
+class Store(Queue, Experiments, Workers):
     """The one handle on the store: every part of it, on one pair of engines."""
 
 
@@ -26,15 +27,19 @@ __all__ = [
     "TERMINAL",
     "AlreadyExists",
     "EventRow",
+    "Experiment",
+    "Experiments",
     "Job",
     "JobFinished",
     "JobNotFound",
     "JobState",
     "LeaseLost",
     "NewEvent",
+    "NewExperiment",
     "NewJob",
     "QueueFull",
     "Store",
+    "Trial",
     "WorkerInfo",
     "engine_url",
     "new_job_id",

@@ -35,3 +35,13 @@ class StorageQuotaExceeded(TrainerError):
     """A tenant keeps as many bytes stored as it may (tenant_storage_bytes)."""
 
     reason = "storage_quota_exceeded"
+
+
+class ExperimentNotFound(TrainerError):
+    reason = "not_found"
+
+
+class ExperimentFinished(TrainerError):
+    """The experiment is in a terminal state; nothing can change it any more."""
+
+    reason = "experiment_finished"

@@ -6,7 +6,7 @@ import functools
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -47,6 +47,11 @@ class EventRow:
         than the query, and every watcher that attaches reads up to a thousand rows."""
         id_, job_id, seq, kind, payload, at = row
         return cls(id_, job_id, seq, kind, json.loads(payload), at)
+
+
+class Appended(NamedTuple):
+    last_seq: int
+    cancel_requested: bool
 
 
 @dataclass
@@ -90,15 +95,18 @@ class EventLog(Database):
 
     def append_events(
         self, job_id: str, worker: str, new: list[NewEvent], progress: dict[str, Any]
-    ) -> int:
+    ) -> Appended:
         """Append events written by the worker holding the job; a worker that lost its lease
-        is refused (LeaseLost), so a stale worker cannot interleave with the new attempt."""
+        is refused (LeaseLost), so a stale worker cannot interleave with the new attempt.
+        Says whether the job was cancelled meanwhile: the worker hears it a window after the
+        cancel, not a heartbeat after (a pruned trial stops at once)."""
         with self.engine.begin() as conn:
             update = jobs.update().where((jobs.c.id == job_id) & (jobs.c.lease_owner == worker))
-            done = conn.execute(update.values(**progress) if progress else update.values(id=job_id))
-            if done.rowcount != 1:
+            update = update.values(**progress) if progress else update.values(id=job_id)
+            held = conn.execute(update.returning(jobs.c.cancel_requested)).first()
+            if held is None:
                 raise LeaseLost(f"job {job_id} is no longer held by {worker}")
-            return self._append(conn, job_id, new)
+            return Appended(self._append(conn, job_id, new), bool(held[0]))
 
     def _append(self, conn: sa.Connection, job_id: str, new: list[NewEvent]) -> int:
         """Give the events the job's next sequence numbers and insert them; the last statement

@@ -172,35 +172,37 @@ class Jobs(EventLog, Database):
                         f"{queued} jobs already queued for this tenant; the limit is "
                         f"{max_queued} (max_queued_per_tenant): wait for some to start"
                     )
-            job_id = new_job_id()
-            conn.execute(
-                jobs.insert().values(
-                    id=job_id,
-                    name=new.name,
-                    spec=json.dumps(new.spec, sort_keys=True),
-                    labels=json.dumps(new.labels, sort_keys=True),
-                    state=JobState.QUEUED.value,
-                    priority=new.priority,
-                    request_id=request_id or None,
-                    spec_hash=new.spec_hash,
-                    created_at=now,
-                    queued_at=now,
-                    attempts=0,
-                    max_attempts=new.max_attempts,
-                    cancel_requested=False,
-                    step=0,
-                    total_steps=new.total_steps,
-                    test_metrics="{}",
-                    last_seq=0,
-                    needs=new.needs,
-                    tenant=tenant,
-                )
+            return self._insert_job(conn, new, now), True
+
+    def _insert_job(self, conn: sa.Connection, new: NewJob, now: float) -> Job:
+        """Queue a new job in the caller's transaction: its row, its first event, the wakeup."""
+        job_id = new_job_id()
+        conn.execute(
+            jobs.insert().values(
+                id=job_id,
+                name=new.name,
+                spec=json.dumps(new.spec, sort_keys=True),
+                labels=json.dumps(new.labels, sort_keys=True),
+                state=JobState.QUEUED.value,
+                priority=new.priority,
+                request_id=new.request_id or None,
+                spec_hash=new.spec_hash,
+                created_at=now,
+                queued_at=now,
+                attempts=0,
+                max_attempts=new.max_attempts,
+                cancel_requested=False,
+                step=0,
+                total_steps=new.total_steps,
+                test_metrics="{}",
+                last_seq=0,
+                needs=new.needs,
+                tenant=new.tenant,
             )
-            self._append(conn, job_id, [NewEvent.of(StateEvent(JobState.QUEUED, 0, time.time()))])
-            self._notify(conn, QUEUE_CHANNEL, job_id)
-            return Job.from_row(
-                conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one()
-            ), True
+        )
+        self._append(conn, job_id, [NewEvent.of(StateEvent(JobState.QUEUED, 0, time.time()))])
+        self._notify(conn, QUEUE_CHANNEL, job_id)
+        return Job.from_row(conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).one())
 
     def get_job(self, job_id: str, tenant: str | None = None) -> Job:
         """The job; with `tenant`, only that tenant's (another's is as unknown as a missing

@@ -102,6 +102,51 @@ workers = sa.Table(
     sa.Column("memory_bytes", sa.BigInteger),
 )
 
+experiments = sa.Table(
+    "experiments",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("tenant", sa.String(64), nullable=False, default=""),
+    sa.Column("spec", sa.Text, nullable=False),
+    sa.Column("spec_hash", sa.String(64), nullable=False),
+    sa.Column("request_id", sa.String(128)),
+    sa.Column("priority", sa.Integer, nullable=False, default=0),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    # The server whose controller drives it, while its lease lasts.
+    sa.Column("owner", sa.String(128)),
+    sa.Column("owner_expires_at", sa.Float),
+    sa.Column("best_trial", sa.Integer),
+    sa.Column("best_value", sa.Float),
+    sa.Column("message", sa.Text),
+    # Raised by every change to it or its trials: WatchExperiment resumes after a seq.
+    sa.Column("last_seq", sa.BigInteger, nullable=False, default=0),
+    sa.UniqueConstraint("tenant", "request_id", name="uq_experiments_tenant_request"),
+    sa.Index("ix_experiments_state", "state"),
+    sa.Index("ix_experiments_tenant_created", "tenant", "created_at"),
+)
+trials = sa.Table(
+    "trials",
+    metadata,
+    sa.Column("experiment_id", sa.String(64), primary_key=True),
+    # Optuna's trial number in the experiment's study: one job per number, ever.
+    sa.Column("number", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("job_id", sa.String(64), nullable=False),
+    sa.Column("params", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("value", sa.Float),  # the objective: the last reported, then the final one
+    sa.Column("step", sa.BigInteger, nullable=False, default=0),  # of that value
+    sa.Column("reason", sa.Text),  # why it was pruned, failed or cancelled
+    sa.Column("seen_seq", sa.BigInteger, nullable=False, default=0),  # its job's events read
+    sa.Column("seq", sa.BigInteger, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float),
+    sa.Index("ix_trials_job", "job_id"),
+)
+
 
 class SchemaError(TrainerError):
     reason = "schema"

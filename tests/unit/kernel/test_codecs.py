@@ -19,7 +19,8 @@ from stepstream.kernel.events import (
     to_payload,
 )
 from stepstream.kernel.failures import Failure
-from stepstream.kernel.states import JobState
+from stepstream.kernel.states import ExperimentState, JobState, TrialState
+from stepstream.v1 import trainer_pb2 as pb
 
 FAILURE = Failure("non_finite_loss", "the loss became NaN", 17)
 # Every field of every kind set to a value other than its default, so a field the codecs drop
@@ -89,6 +90,40 @@ def test_states_travel_with_the_wire_prefix():
     assert JobState.parse("job_state_running") is JobState.RUNNING
     with pytest.raises(ValueError, match="valid: CANCELLED, CANCELLING, FAILED"):
         JobState.parse("done")
+
+
+@pytest.mark.parametrize(
+    ("enum", "to_proto", "from_proto", "wire_enum", "prefix"),
+    [
+        (
+            ExperimentState,
+            wire.experiment_state_to_proto,
+            wire.experiment_state_from_proto,
+            pb.ExperimentState,
+            "EXPERIMENT_STATE_",
+        ),
+        (
+            TrialState,
+            wire.trial_state_to_proto,
+            wire.trial_state_from_proto,
+            pb.TrialState,
+            "TRIAL_STATE_",
+        ),
+    ],
+    ids=["experiment", "trial"],
+)
+def test_experiment_and_trial_states_are_the_wire_enums_less_their_prefix(
+    enum, to_proto, from_proto, wire_enum, prefix
+):
+    # Every kernel state has its wire value and back, and the wire has no state the kernel lacks.
+    for state in enum:
+        assert from_proto(to_proto(state)) is state
+        assert wire_enum.Name(to_proto(state.value)) == prefix + state.value
+    names = wire_enum.keys()
+    named = {n.removeprefix(prefix) for n in names} - {"UNSPECIFIED"}
+    assert named == {s.value for s in enum}
+    with pytest.raises(ValueError):
+        from_proto(0)  # UNSPECIFIED is no state
 
 
 def test_a_failure_message_is_bounded():

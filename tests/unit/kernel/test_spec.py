@@ -801,3 +801,151 @@ def test_recurrent_layers_return_sequences_when_a_sequence_reader_follows():
     model = JobSpec.parse({**spec, "model": {"architecture": "layers", "layers": layers}}).model
     said = model.returns_sequences()
     assert [said[i] for i in (1, 3, 6)] == [True, False, True]
+
+
+# ---------------------------------------------------------------- forks (init_from)
+
+FORKABLE = {
+    "name": "source",
+    "dataset": {"name": "synthetic_classification", "num_features": 8, "num_classes": 3},
+    "model": {"architecture": "mlp", "hidden_units": [16], "dropout": 0.1},
+    "optimizer": {"name": "adam", "learning_rate": 0.01},
+    "training": {"steps": 300, "checkpoint_every": 100},
+}
+
+
+def forked(**changes) -> dict:
+    """FORKABLE as a fork of job-3f2a0c, with `changes` to its top-level sections."""
+    spec = json.loads(json.dumps(FORKABLE))
+    for section, value in changes.items():
+        before = spec.get(section)
+        spec[section] = {**before, **value} if isinstance(value, dict) and before else value
+    return {**spec, "init_from": {"job": "job-3f2a0c"}}
+
+
+def test_init_from_names_a_job_and_labels_the_fork_with_it():
+    spec = JobSpec.parse(
+        {
+            **FORKABLE,
+            "labels": {"team": "a", "forked_from": "old"},
+            "init_from": {"job": "jobs/job-3f2a0c"},
+        }
+    )
+    assert spec.init_from is not None
+    assert (spec.init_from.job, spec.init_from.step) == ("job-3f2a0c", "latest")
+    assert spec.labels == {"team": "a", "forked_from": "job-3f2a0c"}
+    again = JobSpec.parse(json.loads(json.dumps(spec.to_dict())))
+    assert again.to_dict() == spec.to_dict()
+    assert again.to_dict()["init_from"] == {"job": "job-3f2a0c", "step": "latest"}
+    assert (
+        JobSpec.parse(
+            {**FORKABLE, "init_from": {"job": "job-3f2a0c", "step": 200.0}}
+        ).init_from.step
+        == 200
+    )
+    assert "init_from" not in JobSpec.parse(FORKABLE).to_dict()
+    assert "forked_from" not in JobSpec.parse(FORKABLE).labels
+
+
+@pytest.mark.parametrize(
+    ("init_from", "training", "field", "phrase"),
+    [
+        ({"job": "seed-mlp"}, {}, "init_from.job", "'seed-mlp' is no job id"),
+        ({"job": "job-XYZ"}, {}, "init_from.job", "is no job id"),
+        ({"job": 42}, {}, "init_from.job", "is no job id"),
+        ({}, {}, "init_from.job", "Field required"),
+        ({"job": "job-3f2a", "step": 0}, {}, "init_from.step", "greater than 0, or 'latest'"),
+        ({"job": "job-3f2a", "step": "newest"}, {}, "init_from.step", "got 'newest'"),
+        ({"job": "job-3f2a", "step": True}, {}, "init_from.step", "greater than 0"),
+        ({"job": "job-3f2a", "when": 3}, {}, "init_from.when", "unknown field"),
+        (
+            {"job": "job-3f2a", "step": 300},
+            {"steps": 300},
+            "training.steps",
+            "300 is not past init_from.step (300)",
+        ),
+    ],
+    ids=lambda v: str(v) if isinstance(v, str) else None,
+)
+def test_a_bad_init_from_is_refused_naming_the_field(init_from, training, field, phrase):
+    spec = {**FORKABLE, "init_from": init_from, "training": {**FORKABLE["training"], **training}}
+    with pytest.raises(SpecError) as caught:
+        JobSpec.parse(spec)
+    problems = {p.field: p.message for p in caught.value.problems}
+    assert field in problems, problems
+    assert phrase in problems[field], problems[field]
+
+
+def test_a_fork_with_every_label_taken_has_no_room_for_its_link():
+    labels = {f"k{i}": "v" for i in range(64)}
+    JobSpec.parse({**FORKABLE, "labels": labels})
+    with pytest.raises(
+        SpecError, match=r"labels: at most 64, and a fork adds the label forked_from"
+    ):
+        JobSpec.parse({**FORKABLE, "labels": labels, "init_from": {"job": "job-3f2a"}})
+    relinked = {**labels, "forked_from": "x"}
+    del relinked["k0"]
+    assert JobSpec.parse({**FORKABLE, "labels": relinked, "init_from": {"job": "job-3f2a"}})
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"optimizer": {"learning_rate": 1e-4, "beta_1": 0.8, "clipnorm": 1.0}},
+        {"optimizer": {"learning_rate": None}},
+        {"model": {"dropout": 0.5, "activation": "tanh", "output_activation": "softmax"}},
+        {"training": {"steps": 5000, "batch_size": 64, "seed": 3}},
+        {"loss": "categorical_crossentropy", "metrics": ["accuracy", "auc"]},
+        {"dataset": {"num_samples": 5000, "noise": 0.5}},
+        {"runtime": {"precision": "mixed_bfloat16", "steps_per_execution": 4}},
+    ],
+    ids=lambda c: ",".join(c),
+)
+def test_what_a_fork_may_change(changes):
+    from stepstream.kernel.spec import fork_conflicts
+
+    source = JobSpec.parse(FORKABLE)
+    assert fork_conflicts(source, JobSpec.parse(forked(**changes)), "job-3f2a0c") == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "phrase"),
+    [
+        ({"model": {"hidden_units": [32]}}, "model.hidden_units.0", "32 here, 16 in job-3f2a0c"),
+        ({"model": {"hidden_units": [16, 16]}}, "model.hidden_units", "[16, 16] here, [16]"),
+        ({"model": {"batch_normalization": True}}, "model.batch_normalization", "True here"),
+        ({"model": "linear"}, "model.architecture", "linear here, mlp in job-3f2a0c"),
+        ({"optimizer": {"name": "sgd"}}, "optimizer.name", "sgd here, adam in job-3f2a0c"),
+        ({"optimizer": {"amsgrad": True}}, "optimizer.amsgrad", "on here, off in job-3f2a0c"),
+        (
+            {"optimizer": {"schedule": {"name": "cosine_decay", "decay_steps": 100}}},
+            "optimizer.schedule",
+            "a schedule here, a constant learning rate in job-3f2a0c",
+        ),
+        ({"runtime": {"precision": "mixed_float16"}}, "runtime.precision", "loss-scaling"),
+        ({"dataset": {"num_features": 9}}, "dataset.num_features", "9 here, 8 in job-3f2a0c"),
+        ({"dataset": {"num_classes": 4}}, "dataset.num_classes", "decides the model's shapes"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and "." in v and " " not in v else None,
+)
+def test_what_a_fork_cannot_change_is_named(changes, field, phrase):
+    from stepstream.kernel.spec import fork_conflicts
+
+    problems = fork_conflicts(
+        JobSpec.parse(FORKABLE), JobSpec.parse(forked(**changes)), "job-3f2a0c"
+    )
+    assert [p.field for p in problems] == [field], problems
+    assert phrase in problems[0].message, problems[0].message
+
+
+def test_another_optimizer_is_one_problem_and_a_schedule_is_kept_with_new_values():
+    from stepstream.kernel.spec import fork_conflicts
+
+    scheduled = {"name": "adam", "schedule": {"name": "cosine_decay", "decay_steps": 100}}
+    source = JobSpec.parse({**FORKABLE, "optimizer": scheduled})
+    momentum = JobSpec.parse(
+        forked(optimizer={"name": "momentum", "schedule": scheduled["schedule"]})
+    )
+    assert [p.field for p in fork_conflicts(source, momentum)] == ["optimizer.name"]
+    longer = {**scheduled, "schedule": {"name": "cosine_decay", "decay_steps": 900}}
+    assert fork_conflicts(source, JobSpec.parse(forked(optimizer=longer))) == []

@@ -13,13 +13,13 @@ def test_event_log_is_ordered_and_resumable(store):
     job = store.claim("w", 30)
     base = store.get_job(job.id).last_seq  # QUEUED and RUNNING state events
     assert [e.payload["state"] for e in store.read_events(job.id)] == ["QUEUED", "RUNNING"]
-    last = store.append_events(
+    last, cancelled = store.append_events(
         job.id,
         "w",
         [NewEvent("step", {"step": i}) for i in range(1, 11)],
         {"step": 10, "loss": 0.5},
     )
-    assert last == base + 10
+    assert last == base + 10 and not cancelled
     tail = store.read_events(job.id, after_seq=base + 4)
     assert [e.payload["step"] for e in tail] == [5, 6, 7, 8, 9, 10]
     assert [e.seq for e in tail] == list(range(base + 5, base + 11))
@@ -64,3 +64,14 @@ def test_tail_reading_by_global_id_misses_nothing_under_concurrent_writers(store
     done.set()
     reader.join()
     assert len(seen) == writers * per_writer == len(set(seen))
+
+
+def test_appending_tells_the_worker_its_job_was_cancelled(store):
+    """A cancel reaches the worker with its next window of events, not its next heartbeat."""
+    make(store)
+    job = store.claim("w", 30)
+    assert not store.append_events(
+        job.id, "w", [NewEvent("step", {"step": 1})], {}
+    ).cancel_requested
+    store.cancel(job.id)
+    assert store.append_events(job.id, "w", [NewEvent("step", {"step": 2})], {}).cancel_requested
