@@ -6,18 +6,18 @@ grid        a real `trainer serve` (SQLite in a temporary folder, --workers CPU 
             an experiment through `TrainingClient.submit_experiment`: the seed MLP (784-H tanh
             -10, Adam, softmax cross-entropy on logits, Fashion-MNIST with a 10% validation
             split) over learning rate {0.001, 0.004, 0.016} x hidden_units {[64], [150], [300]}
-            x batch_size {50, 100, 200}, --steps S each (default 1500), evaluated every S/5
+            x batch_size {50, 100, 200}, --steps S each (default 1500), evaluated every S/10
             steps; sampler grid, pruner none, max_concurrent_trials = workers. The objective is
             test_accuracy (max): the service keeps the succeeded trial with the best.
-ASHA        the same grid on the same server with pruner asha (min_steps = S/5,
+ASHA        the same grid on the same server with pruner asha (min_steps = S/10,
             reduction_factor 3): the trials that fall behind on validation accuracy at an
             evaluation are cancelled there.
 Ray Tune    the same 27 points with ray.tune.schedulers.ASHAScheduler(time_attr="step",
-            max_t=S, grace_period=S/5, reduction_factor=3) in this machine's Ray
+            max_t=S, grace_period=S/10, reduction_factor=3) in this machine's Ray
             (ray.init(num_cpus=workers), 1 CPU per trial, max_concurrent_trials=workers):
             each trial a plain Keras model of the same shape, compiled the same way, fit on the
             same arrays (the service's loader and split), reporting validation accuracy to
-            Tune every S/5 steps and its test accuracy with its last report. A Trainable
+            Tune every S/10 steps and its test accuracy with its last report. A Trainable
             class with reset_config and reuse_actors=True, so each actor and the TensorFlow
             it imported serve trial after trial: Ray at its best, not its default.
 turnaround  a one-worker server (the grid's when --workers 1) and N tiny jobs (the linear
@@ -70,6 +70,8 @@ LEARNING_RATES = [0.001, 0.004, 0.016]
 HIDDEN_UNITS = [[64], [150], [300]]
 BATCH_SIZES = [50, 100, 200]
 VALIDATION_SPLIT = 0.1
+# Evaluations per trial: ASHA's first rung (grace period) is one of them, for both searches.
+EVALS = 10
 RAY_MISSING = (
     "Ray Tune is not installed; it is a benchmark-only dependency: "
     '.venv/bin/pip install "ray[tune]" (or run with --skip-ray)'
@@ -148,10 +150,10 @@ def space(quick: bool) -> dict[str, list[Any]]:
 
 
 def base_job(steps: int) -> dict[str, Any]:
-    """The seed MLP job with `steps` steps, evaluated every fifth of them on a validation split
+    """The seed MLP job with `steps` steps, evaluated every tenth of them on a validation split
     (so pruning never reads the test set)."""
     job = load_spec(SEED).to_dict()
-    job["training"].update(steps=steps, eval_every=steps // 5)
+    job["training"].update(steps=steps, eval_every=steps // EVALS)
     dataset = job["dataset"] if isinstance(job["dataset"], dict) else {"name": job["dataset"]}
     job["dataset"] = {**dataset, "validation_split": VALIDATION_SPLIT}
     return job
@@ -160,7 +162,7 @@ def base_job(steps: int) -> dict[str, Any]:
 def experiment(name: str, steps: int, grid: dict[str, list], workers: int, asha: bool) -> dict:
     pruner: Any = "none"
     if asha:
-        pruner = {"name": "asha", "min_steps": steps // 5, "reduction_factor": 3}
+        pruner = {"name": "asha", "min_steps": steps // EVALS, "reduction_factor": 3}
     return {
         "name": name,
         "job": base_job(steps),
@@ -338,7 +340,7 @@ def ray_search(grid: dict[str, list], steps: int, workers: int, folder: Path) ->
     except ImportError:
         raise SystemExit(RAY_MISSING) from None
 
-    every = steps // 5
+    every = steps // EVALS
     data = arrays(steps)
     began = time.perf_counter()
     ray.init(
@@ -431,8 +433,8 @@ def main() -> int:
     args = parser.parse_args()
     steps = args.steps or (300 if args.quick else 1500)
     jobs = args.turnaround_jobs if args.turnaround_jobs is not None else (5 if args.quick else 30)
-    if steps % 5 or steps < 5:
-        parser.error("--steps must be a multiple of 5 (evaluations every fifth)")
+    if steps % EVALS or steps < EVALS:
+        parser.error(f"--steps must be a multiple of {EVALS} (evaluations every {EVALS}th)")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if not args.skip_ray:
@@ -443,7 +445,7 @@ def main() -> int:
     grid = space(args.quick)
     points = len(list(itertools.product(*grid.values())))
     print(
-        f"{points} points x {steps} steps (evaluated every {steps // 5}), "
+        f"{points} points x {steps} steps (evaluated every {steps // EVALS}), "
         f"{args.workers} worker(s), {os.cpu_count()} CPU(s)",
         flush=True,
     )
