@@ -30,10 +30,14 @@ def job_id_of(name: str, field: str = "name") -> str:
 
 def spec_of(text: str, limits: SpecLimits, max_bytes: int | None = None) -> JobSpec:
     """The validated spec in a request's spec_json: every problem at once, or SpecError."""
+    required = "the job spec as JSON text (see GetJobSpecSchema)"
+    return JobSpec.parse(json_of(text, required, max_bytes), limits=limits)
+
+
+def json_of(text: str, required: str, max_bytes: int | None = None) -> Any:
+    """A request's spec_json read as JSON: present, within max_spec_bytes, finite numbers."""
     if not text.strip():
-        raise InvalidArgument(
-            "spec_json", "required: the job spec as JSON text (see GetJobSpecSchema)"
-        )
+        raise InvalidArgument("spec_json", f"required: {required}")
     size = len(text.encode())
     if max_bytes is not None and size > max_bytes:
         raise InvalidArgument(
@@ -44,11 +48,10 @@ def spec_of(text: str, limits: SpecLimits, max_bytes: int | None = None) -> JobS
         raise InvalidArgument("spec_json", f"{constant} is no JSON number; every number is finite")
 
     try:
-        data = json.loads(text, parse_constant=refuse)
+        return json.loads(text, parse_constant=refuse)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise InvalidArgument("spec_json", f"not valid JSON ({exc.msg} at {where})") from None
-    return JobSpec.parse(data, limits=limits)
 
 
 def spec_hash(spec: JobSpec, priority: int, max_attempts: int) -> str:

@@ -23,6 +23,7 @@ from stepstream.kernel.spec import JobSpec, SpecError, SpecLimits
 from stepstream.kernel.states import ExperimentState, TrialState
 from stepstream.kernel.wire import experiment_state_to_proto, timestamp, trial_state_to_proto
 from stepstream.v1 import trainer_pb2 as pb
+from stepstream_service.api.convert import json_of
 from stepstream_service.api.errors import InvalidArgument, violations
 from stepstream_service.store import Experiment, NewExperiment, Trial
 
@@ -57,25 +58,8 @@ def experiment_id_of(name: str, field: str = "name") -> str:
 
 def experiment_of(text: str, limits: SpecLimits, max_bytes: int | None = None) -> ExperimentSpec:
     """The validated experiment in a request's spec_json: every problem at once, or SpecError."""
-    if not text.strip():
-        raise InvalidArgument(
-            "spec_json", "required: the experiment spec as JSON text, its job inline"
-        )
-    size = len(text.encode())
-    if max_bytes is not None and size > max_bytes:
-        raise InvalidArgument(
-            "spec_json", f"{size} bytes, over this server's limit of {max_bytes} (max_spec_bytes)"
-        )
-
-    def refuse(constant: str) -> Any:
-        raise InvalidArgument("spec_json", f"{constant} is no JSON number; every number is finite")
-
-    try:
-        data = json.loads(text, parse_constant=refuse)
-    except json.JSONDecodeError as exc:
-        where = f"line {exc.lineno} column {exc.colno}"
-        raise InvalidArgument("spec_json", f"not valid JSON ({exc.msg} at {where})") from None
-    return ExperimentSpec.parse(data, limits=limits)
+    required = "the experiment spec as JSON text, its job inline"
+    return ExperimentSpec.parse(json_of(text, required, max_bytes), limits=limits)
 
 
 def parse_experiment_filter(text: str) -> tuple[set[ExperimentState], str | None]:
