@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 from typing import Any
 
 import optuna
@@ -41,6 +42,11 @@ def linear_experiment(name: str = "lin", **overrides: Any) -> dict[str, Any]:
 def submit(store: Store, spec: dict[str, Any]) -> str:
     exp, _ = store.create_experiment(NewExperiment(name=spec["name"], spec=spec, spec_hash="t"))
     return exp.id
+
+
+def metrics(service) -> str:
+    with urllib.request.urlopen(service.metrics_url, timeout=10) as reply:
+        return reply.read().decode()
 
 
 def wait_end(store: Store, exp_id: str, timeout: float = 120):
@@ -125,9 +131,16 @@ def test_a_cancelled_experiment_cancels_its_running_trials(start_service):
         while len(store.trials(exp_id)) < 2:
             assert time.monotonic() < deadline, "no trials started"
             time.sleep(0.1)
+        running = f'trainer_experiment_trials{{experiment_id="{exp_id}",state="RUNNING"}} 2.0'
+        deadline = time.monotonic() + 10
+        while running not in (page := metrics(service)):
+            assert time.monotonic() < deadline, page
+            time.sleep(0.1)
         store.request_experiment_cancel(exp_id)
         exp = wait_end(store, exp_id, timeout=60)
         assert exp.state == ExperimentState.CANCELLED
+        time.sleep(0.5)  # the controller's next look, after the end it wrote
+        assert f'experiment_id="{exp_id}"' not in metrics(service), "series of an ended one"
         trials = store.trials(exp_id)
         assert len(trials) == 2 and all(t.state == TrialState.CANCELLED for t in trials)
         deadline = time.monotonic() + 30

@@ -163,6 +163,7 @@ class Controller:
         self.thread: threading.Thread | None = None
         self._storage: Any = None
         self._studies: dict[str, Any] = {}
+        self._specs: dict[str, ExperimentSpec] = {}
         self._windows: dict[tuple[str, int], _Window] = {}
 
     # ------------------------------------------------------------ life
@@ -232,7 +233,9 @@ class Controller:
         return study
 
     def drive(self, exp: Experiment) -> None:
-        spec = ExperimentSpec.parse(exp.spec)
+        spec = self._specs.get(exp.id)
+        if spec is None:  # checked against the job at every probe: parsed once, not per look
+            spec = self._specs[exp.id] = ExperimentSpec.parse(exp.spec)
         study = self.study(exp, spec)
         objective = Objective(spec)
         trials = self.store.trials(exp.id)
@@ -450,6 +453,13 @@ class Controller:
             self.store.update_experiment(exp.id, state=state, message=message)
             log.info("experiment %s: %s (%s)", exp.id, state.value, message)
         self._studies.pop(exp.id, None)
+        self._specs.pop(exp.id, None)
+        if self.metrics is not None:  # the series are of running experiments only
+            for s in TrialState:
+                with contextlib.suppress(KeyError):
+                    self.metrics.experiment_trials.remove(exp.id, s.value)
+            with contextlib.suppress(KeyError):
+                self.metrics.experiment_best.remove(exp.id)
 
     def _export(self, exp: Experiment, trials: list[Trial]) -> None:
         if self.metrics is None:
@@ -464,8 +474,9 @@ class Controller:
             self.metrics.experiment_best.labels(exp.id).set(best)
 
     def _forget(self, held: set[str]) -> None:
-        for exp_id in set(self._studies) - held:
+        for exp_id in (set(self._studies) | set(self._specs)) - held:
             self._studies.pop(exp_id, None)
+            self._specs.pop(exp_id, None)
         for key in [k for k in self._windows if k[0] not in held]:
             self._windows.pop(key, None)
 

@@ -179,6 +179,20 @@ class Experiments(Jobs):
         """The running experiments this owner drives now: its own, and any whose owner's lease
         ran out (a server that died); their leases are renewed."""
         now = time.time()
+        running = sa.select(experiments).where(experiments.c.state == ExperimentState.RUNNING.value)
+        # Read first: a controller looks several times a second, and a write transaction each
+        # time would contend with the workers' event writes for nothing. Write only to take a
+        # free experiment or to renew a lease past half its life.
+        with self.reader.connect() as conn:
+            seen = [Experiment.from_row(r) for r in conn.execute(running)]
+        renew_by = now + lease_seconds / 2
+        if not any(
+            e.owner is None
+            or (e.owner_expires_at or 0) < now
+            or (e.owner == owner and (e.owner_expires_at or 0) < renew_by)
+            for e in seen
+        ):
+            return [e for e in seen if e.owner == owner]
         free = (
             (experiments.c.owner == owner)
             | experiments.c.owner.is_(None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from stepstream.kernel.states import ExperimentState, JobState, TrialState
@@ -90,7 +92,8 @@ def test_leases_hand_an_experiment_to_one_owner_until_theirs_runs_out(store):
     assert [e.id for e in store.claim_experiments("a", 30)] == [exp.id]
     assert store.claim_experiments("b", 30) == []
     assert [e.id for e in store.claim_experiments("b", 30)] == []
-    store.claim_experiments("a", -1)  # a's lease, renewed into the past: as if a died
+    assert [e.id for e in store.claim_experiments("a", 30)] == [exp.id]  # still a's
+    store.update_experiment(exp.id, owner_expires_at=time.time() - 1)  # as if a died
     assert [e.id for e in store.claim_experiments("b", 30)] == [exp.id]
     store.release_experiments("b")
     assert [e.id for e in store.claim_experiments("a", 30)] == [exp.id]
@@ -106,3 +109,14 @@ def test_cancel_is_requested_then_the_end_is_final(store):
     with pytest.raises(ExperimentFinished):
         store.update_experiment(exp.id, state=ExperimentState.SUCCEEDED)
     assert store.claim_experiments("a", 30) == []
+
+
+def test_a_lease_is_renewed_past_half_its_life_not_at_every_look(store):
+    exp = experiment(store)
+    store.claim_experiments("a", 30)
+    first = store.get_experiment(exp.id).owner_expires_at
+    store.claim_experiments("a", 30)
+    assert store.get_experiment(exp.id).owner_expires_at == first  # a read, no write
+    store.update_experiment(exp.id, owner_expires_at=time.time() + 10)  # under half of 30 left
+    store.claim_experiments("a", 30)
+    assert store.get_experiment(exp.id).owner_expires_at > time.time() + 25
