@@ -20,9 +20,12 @@ Ray Tune    the same 27 points with ray.tune.schedulers.ASHAScheduler(time_attr=
             Tune every S/10 steps and its test accuracy with its last report. A Trainable
             class with reset_config and reuse_actors=True, so each actor and the TensorFlow
             it imported serve trial after trial: Ray at its best, not its default.
-turnaround  a one-worker server (the grid's when --workers 1) and N tiny jobs (the linear
-            example, 10 steps) submitted at once: jobs per second from the first submit to the
-            last job's end, on a worker warmed by one job first.
+turnaround  a one-worker server and N short trials of one shape submitted at once (the linear
+            example, 10 steps, each with its own learning rate): jobs per second from the
+            first submit to the last job's end, on a worker warmed by one job first. Before:
+            TRAINER_MODEL_CACHE_MIB=0, so the worker builds, compiles and traces each job's
+            model; after: the default, so it reuses the program traced for the first (see
+            engine/model_cache.py). Two servers of each, alternated; the better of each.
 
 For each search: trials succeeded and pruned, training steps actually run (the sum over its
 trials' jobs of the step each reached, so a pruned trial counts the steps it trained before
@@ -39,6 +42,7 @@ Ray Tune is a benchmark-only dependency: `.venv/bin/pip install "ray[tune]"`, or
 --quick is a smoke run, not a measurement: 300 steps, one batch size (9 points), 5 tiny jobs.
 
   .venv/bin/python bench/experiments.py [--workers 2] [--steps 1500] [--turnaround-jobs 30]
+                                        [--turnaround-only]
                                         [--skip-ray] [--quick]
 """
 
@@ -99,9 +103,12 @@ class Search:
 # ---------------------------------------------------------------- the server
 
 
-def serve(folder: Path, workers: int) -> tuple[subprocess.Popen, str]:
+def serve(
+    folder: Path, workers: int, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
     """`trainer serve` on free ports with `workers` CPU workers and SQLite in `folder`, in a
-    process group of its own (nothing of it can outlive the run); its log in folder/serve.log."""
+    process group of its own (nothing of it can outlive the run); its log in folder/serve.log.
+    `env`: settings (TRAINER_*) added to this process's environment."""
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "serve.log"
     with log.open("w") as err:
@@ -120,6 +127,7 @@ def serve(folder: Path, workers: int) -> tuple[subprocess.Popen, str]:
             stderr=err,
             text=True,
             start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
     match = re.search(r"grpc (\S+:\d+)", proc.stdout.readline())
     if not match:
@@ -233,18 +241,48 @@ def service_search(client: TrainingClient, label: str, spec: dict, timeout: floa
 
 
 def turnaround(client: TrainingClient, jobs: int) -> float:
-    """Jobs per second from the first submit to the last end, `jobs` tiny jobs at once."""
+    """Jobs per second from the first submit to the last end, `jobs` short trials at once:
+    one shape, a learning rate each."""
     tiny = load_spec(LINEAR).model_copy(deep=True)
     tiny.training.steps = 10
     client.submit(tiny).wait(timeout=300)  # the worker has imported and built once
     first = time.time()
-    handles = [client.submit(tiny) for _ in range(jobs)]
+    handles = []
+    for i in range(jobs):
+        trial = tiny.model_copy(deep=True)
+        trial.optimizer.learning_rate = 0.05 + 0.01 * i
+        handles.append(client.submit(trial))
     infos = [h.wait(timeout=600) for h in handles]
     bad = [i for i in infos if i.state != "SUCCEEDED"]
     if bad:
         raise SystemExit(f"turnaround: {len(bad)} tiny job(s) did not succeed: {bad[0]}")
     last = max(i.end_time or time.time() for i in infos)
     return jobs / (last - first)
+
+
+def turnaround_line(before: float, after: float) -> str:
+    return (
+        f"short-trial turnaround, jobs/s per worker: {before:.2f} building each, "
+        f"{after:.2f} reusing the traced model ({after / before:.2f}x)"
+    )
+
+
+def turnarounds(folder: Path, jobs: int, rounds: int = 2) -> tuple[float, float]:
+    """(before, after): the best turnaround of `rounds` one-worker servers each, without and
+    with the model cache, alternated so that both see the same machine."""
+    rates: dict[str, list[float]] = {"0": [], "256": []}
+    for r in range(rounds):
+        for mib in rates:
+            proc, address = serve(
+                folder / f"turnaround-{mib}-{r}", 1, {"TRAINER_MODEL_CACHE_MIB": mib}
+            )
+            try:
+                with TrainingClient(address) as client:
+                    rates[mib].append(turnaround(client, jobs))
+            finally:
+                stop(proc)
+            print(f"turnaround, model cache {mib} MiB: {rates[mib][-1]:.2f} jobs/s", flush=True)
+    return max(rates["0"]), max(rates["256"])
 
 
 # ---------------------------------------------------------------- Ray Tune
@@ -427,6 +465,9 @@ def main() -> int:
     )
     parser.add_argument("--skip-ray", action="store_true", help="no Ray Tune peer")
     parser.add_argument(
+        "--turnaround-only", action="store_true", help="only the turnaround, before and after"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a smoke run: 300 steps, 9 points, 5 tiny jobs"
     )
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="per search, seconds")
@@ -437,6 +478,11 @@ def main() -> int:
         parser.error(f"--steps must be a multiple of {EVALS} (evaluations every {EVALS}th)")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.turnaround_only:
+        with tempfile.TemporaryDirectory(prefix="bench-turnaround-") as tmp:
+            before, after = turnarounds(Path(tmp), jobs or 30)
+        print(turnaround_line(before, after))
+        return 0
     if not args.skip_ray:
         try:
             import ray.tune  # noqa: F401  (fail before the long part, not after it)
@@ -451,14 +497,12 @@ def main() -> int:
     )
 
     searches: list[Search] = []
-    rate = None
+    rates = None
     with tempfile.TemporaryDirectory(prefix="bench-experiments-") as tmp:
         folder = Path(tmp)
         proc, address = serve(folder / "server", args.workers)
         try:
             with TrainingClient(address) as client:
-                if jobs and args.workers == 1:
-                    rate = turnaround(client, jobs)
                 for label, asha in (("service, full grid", False), ("service, ASHA", True)):
                     name = "bench-asha" if asha else "bench-grid"
                     spec = experiment(name, steps, grid, args.workers, asha)
@@ -466,15 +510,8 @@ def main() -> int:
                     show(searches[-1])
         finally:
             stop(proc)
-        if jobs and args.workers != 1:
-            proc, address = serve(folder / "one-worker", 1)
-            try:
-                with TrainingClient(address) as client:
-                    rate = turnaround(client, jobs)
-            finally:
-                stop(proc)
-        if rate is not None:
-            print(f"turnaround: {jobs} tiny jobs at {rate:.2f} jobs/s on one worker", flush=True)
+        if jobs:
+            rates = turnarounds(folder, jobs)
         if not args.skip_ray:
             searches.append(ray_search(grid, steps, args.workers, folder))
             show(searches[-1])
@@ -500,8 +537,8 @@ def main() -> int:
             f"best test {100 * (ray_run.best_test - asha_run.best_test):+.2f} points"
         )
     print(f"wall ratio (asha/grid): {asha_run.wall / grid_run.wall:.3f}")
-    if rate is not None:
-        print(f"short-trial turnaround: {rate:.2f} jobs/s per worker (before trace reuse)")
+    if rates is not None:
+        print(turnaround_line(*rates))
     print(f"steps ratio (asha/grid): {asha_run.steps / grid_run.steps:.3f}")
     print(
         f"accuracy gap (grid - asha): {100 * (grid_run.best_test - asha_run.best_test):.2f} points"

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     # job's compiled program (measured: about 11 MiB per small dense job), and a big job's
     # peak stays mapped.
     worker_max_growth_mib: int = 2048
+    # Compiled models a worker keeps for the next job of the same shape (an experiment's
+    # trials), which then starts without building or tracing: their variables' size in all.
+    # 0 keeps none. See engine.model_cache.
+    model_cache_mib: int = Field(default=256, ge=0)
     max_upload_bytes: int = 512 * 1024 * 1024
     # A model converted on download (onnx, tflite, saved_model) in a subprocess of the server:
     # one that takes longer is refused, saying so.

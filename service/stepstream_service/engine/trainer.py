@@ -4,6 +4,7 @@ the store. Every step's loss and accuracy are emitted, at near-zero cost (see st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -27,6 +29,7 @@ from stepstream.kernel.failures import Failure
 from stepstream.kernel.spec import JobSpec
 from stepstream_service.engine import datasets, models
 from stepstream_service.engine.datasets import Data, DataPaths
+from stepstream_service.engine.model_cache import ModelCache, shape_key
 from stepstream_service.engine.registry import LOSSES, METRICS, OPTIMIZERS, Labels, learning_rate
 from stepstream_service.engine.step_record import STEP_COUNT, STEP_LOSSES, STEP_VALUES, StepRecorder
 from stepstream_service.engine.streams import Stream
@@ -89,6 +92,7 @@ def train(
     tensorboard: bool = True,
     start_from: ForkSource | None = None,
     final_checkpoint: bool = False,
+    models: ModelCache | None = None,
 ) -> ResultEvent:
     """Train `spec`, emitting events; return (and emit) the final ResultEvent.
 
@@ -105,6 +109,8 @@ def train(
     hyperparameters; one that does not fit raises ForkFailed. With `final_checkpoint`, a job
     that checkpoints (training.checkpoint_every) and succeeds also keeps a checkpoint of its
     last step, which no event announces: the state a fork of it starts from.
+    With `models`, a model compiled for an earlier job of the same shape is trained again from
+    this job's fresh start instead of building and tracing anew (see engine.model_cache).
     """
     started = time.monotonic()
     workdir = Path(workdir)
@@ -121,6 +127,7 @@ def train(
             run.handing_back = handing_back
             run.resume_upto = resume_upto
             run.fork, run.final_checkpoint = start_from, final_checkpoint
+            run.models = models
             result = run.execute(resume)
         emit(result)
     finally:
@@ -185,6 +192,55 @@ def latest_checkpoint(workdir: Path | str) -> tuple[int, Path] | None:
     return next(CheckpointScan(Path(workdir) / "checkpoints").intact(), None)
 
 
+@dataclass
+class _Start:
+    """Variables' values as they were, each kept as one number where it is filled with one
+    (an optimizer's fresh slots are zeros, Adagrad's its initial accumulator value)."""
+
+    values: list
+
+    @classmethod
+    def of(cls, variables: list) -> _Start:
+        values = []
+        for v in variables:
+            a = keras.ops.convert_to_numpy(v)
+            values.append(a.flat[0] if a.size and (a == a.flat[0]).all() else a.copy())
+        return cls(values)
+
+    def restore(self, variables: list) -> None:
+        for variable, value in zip(variables, self.values, strict=True):
+            if np.ndim(value) == 0:
+                value = np.full(variable.shape, value, dtype=np.asarray(value).dtype)
+            variable.assign(value)
+
+
+@dataclass
+class _Compiled:
+    """A compiled model and what its trace captured, as the model cache keeps it."""
+
+    model: keras.Model
+    recorders: list[StepRecorder]
+    window: int
+    optimizer_start: _Start
+    eval_model: keras.Model | None = None
+    jobs: int = 0  # the jobs it has trained
+
+    @property
+    def nbytes(self) -> int:
+        variables = [*self.model.variables, *self.model.optimizer.variables]
+        return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+    def restart(self, fresh: keras.Model, schedule: Any) -> None:
+        """This job's start on the kept program: the weights and seeds of `fresh` (built for
+        this job, never traced), the optimizer as built, and this job's learning rate."""
+        for variable, value in zip(self.model.variables, fresh.variables, strict=True):
+            variable.assign(value)
+        optimizer = self.model.optimizer
+        self.optimizer_start.restore(optimizer.variables)
+        if not callable(schedule):
+            optimizer.learning_rate = float(schedule)
+
+
 class _Run:
     def __init__(self, spec, emit, should_stop, workdir, paths, started, job_id=None):
         self.spec: JobSpec = spec
@@ -194,6 +250,7 @@ class _Run:
         self.resume_upto: int | None = None  # see train()
         self.fork: ForkSource | None = None  # see train()
         self.final_checkpoint = False  # see train()
+        self.models: ModelCache | None = None  # see train()
         self.saved_step: int | None = None  # the step of the last checkpoint written
         self.workdir: Path = workdir
         self.paths: DataPaths = paths
@@ -232,25 +289,60 @@ class _Run:
         self.total = t.steps if t.steps is not None else t.epochs * self.steps_per_epoch
 
         model = models.build(spec, data, self.paths)
-        loss = LOSSES.get(spec.loss.name)(spec.loss)
-        window = self._window(model, data)
         self.labels = Labels(
             format=spec.label_format,
             units=data.output_units,
             logits=spec.loss.logits,
             threshold=0.5 if spec.output_activation == "sigmoid" else 0.0,
         )
+        self.schedule = learning_rate(spec.optimizer)
+        key = self._shape_key(model, data) if self.models is not None else None
+        kept = self.models.take(key) if self.models is not None and key is not None else None
+        if kept is None:
+            kept = self._compile(model, data)
+        else:
+            kept.restart(model, self.schedule)
+            if kept.eval_model is not None:
+                self.eval_model = kept.eval_model
+        self.model, self.recorders, self.window = kept.model, kept.recorders, kept.window
+        self.log(
+            "built %s model: %s parameters; %d steps, %d per device call%s%s",
+            spec.model.architecture,
+            f"{self.model.count_params():,}",
+            self.total,
+            self.window,
+            ", compiled with XLA" if self.model.jit_compile is True else "",
+            "; its traced program reused from an earlier job" if kept.jobs else "",
+        )
+        model = self.model
+        start = self._resume(model) if resume else 0
+        if start == 0 and self.fork is not None:
+            start = self._fork(model)
+        for r in self.recorders:
+            r.count.assign(0)
+        result = self._fit(start)
+        # Only a run that ended by itself hands its model on; one that raised is dropped.
+        if self.models is not None and key is not None:
+            kept.jobs += 1
+            kept.eval_model = getattr(self, "eval_model", None)
+            self.models.give_back(key, kept, kept.nbytes)
+        return result
+
+    def _compile(self, model: keras.Model, data: Data) -> _Compiled:
+        spec = self.spec
+        loss = LOSSES.get(spec.loss.name)(spec.loss)
+        window = self._window(model, data)
         recorder = StepRecorder(loss, self._step_value(data), window, self.labels.threshold)
         metrics: list | dict = [recorder]
-        self.recorders = [recorder]
+        recorders = [recorder]
         if getattr(data, "named_outputs", None) is not None:  # a Stream has none
             # Several outputs: the one loss on each; the first output's recorder streams the
             # step value, and every output's batch loss is summed into the step loss.
-            self.recorders += [
+            recorders += [
                 StepRecorder(loss, "none", window, suffix=f"_{i}")
                 for i in range(1, len(model.output_names))
             ]
-            metrics = {n: [r] for n, r in zip(model.output_names, self.recorders, strict=True)}
+            metrics = {n: [r] for n, r in zip(model.output_names, recorders, strict=True)}
         model.compile(
             optimizer=OPTIMIZERS.get(spec.optimizer.name)(spec.optimizer),
             loss=loss,
@@ -258,23 +350,38 @@ class _Run:
             steps_per_execution=window,
             jit_compile=self._jit_compile(model),
         )
-        self.model, self.recorder, self.window = model, recorder, window
-        self.schedule = learning_rate(spec.optimizer)
-        self.log(
-            "built %s model: %s parameters; %d steps, %d per device call%s",
-            spec.model.architecture,
-            f"{model.count_params():,}",
-            self.total,
-            window,
-            ", compiled with XLA" if model.jit_compile is True else "",
-        )
+        # Built now, not at the first step: its state as it starts is what a reuse restores.
+        model.optimizer.build(model.trainable_variables)
+        return _Compiled(model, recorders, window, _Start.of(model.optimizer.variables))
 
-        start = self._resume(model) if resume else 0
-        if start == 0 and self.fork is not None:
-            start = self._fork(model)
-        for r in self.recorders:
-            r.count.assign(0)
-        return self._fit(start)
+    def _shape_key(self, model: keras.Model, data: Data) -> str | None:
+        """What the traced training program of this job depends on, beyond its variables'
+        values (see engine.model_cache); None for a model that cannot say (no config)."""
+        spec = self.spec
+        try:
+            config = _unnamed(model)
+        except NotImplementedError:
+            return None
+        optimizer = spec.optimizer.model_dump(mode="json")
+        if spec.optimizer.schedule is None:  # a variable, assigned at each reuse
+            optimizer.pop("learning_rate")
+        t = spec.training
+        return shape_key(
+            {
+                "backend": keras.config.backend(),
+                "model": config,
+                "loss": spec.loss.model_dump(mode="json"),
+                "optimizer": optimizer,
+                "metrics": list(spec.metrics),
+                "labels": dataclasses.asdict(self.labels),
+                "step_value": self._step_value(data),
+                "outputs": getattr(data, "named_outputs", None) is not None,
+                "runtime": spec.runtime.model_dump(mode="json"),
+                "jit_compile": self._jit_compile(model),
+                # They set the steps per device call (see _window).
+                "window": [t.batch_size, t.eval_every, t.checkpoint_every],
+            }
+        )
 
     def _resume(self, model: keras.Model) -> int:
         """Load the newest intact checkpoint; its step (0 when there is none). Each one passed
@@ -630,6 +737,24 @@ class _StepStream(keras.callbacks.Callback):
         self.outcome.outcome, self.outcome.stop_reason = outcome, reason
         self.outcome.failure = failure
         self.model.stop_training = True
+
+
+def _unnamed(model: keras.Model) -> Any:
+    """The model's config with its own and its layers' names replaced by their positions:
+    Keras numbers auto-named layers process-wide (dense, dense_1, ...), so two builds of one
+    spec differ in names only."""
+    names = {model.name: "#model", **{layer.name: f"#{i}" for i, layer in enumerate(model.layers)}}
+
+    def rename(node: Any) -> Any:
+        if isinstance(node, str):
+            return names.get(node, node)
+        if isinstance(node, dict):
+            return {k: rename(v) for k, v in node.items()}
+        if isinstance(node, list | tuple):
+            return [rename(v) for v in node]
+        return node
+
+    return rename(model.get_config())
 
 
 def _maximised(name: str, mode: str) -> bool:

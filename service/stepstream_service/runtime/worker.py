@@ -33,6 +33,7 @@ from stepstream.kernel.spec import JobSpec, SpecError
 from stepstream_service.config import WORKER_RETIRED, Settings
 from stepstream_service.engine import footprint, sources
 from stepstream_service.engine.datasets import DataPaths
+from stepstream_service.engine.model_cache import ModelCache
 from stepstream_service.engine.tensorboard import FOLDER as BOARD_FOLDER
 from stepstream_service.errors import OutOfMemory, TrainerError
 from stepstream_service.store import QUEUE_CHANNEL, Job, JobState, LeaseLost, NewEvent, Store
@@ -251,6 +252,7 @@ class Worker:
         self.jobs_run = 0
         self.retired = False
         self.memory: int | None = None  # what a job must fit in here, once run() measured it
+        self.models = ModelCache(settings.model_cache_mib << 20)
 
     def run(self) -> None:
         # Measured once the framework is loaded: what is left is what a job can ever have.
@@ -436,6 +438,7 @@ class Worker:
                     handing_back=lambda: self.stopping.is_set() and not run.cancel,
                     start_from=source,
                     final_checkpoint=True,
+                    models=self.models,
                 )
             finally:  # whatever was written, however the run ended
                 self._keep_tensorboard(job, run.workdir)
