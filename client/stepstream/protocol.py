@@ -177,6 +177,9 @@ class JobInfo:
     last_seq: int
     worker: str = ""
     spec: dict[str, Any] = field(repr=False, default_factory=dict)
+    # While QUEUED, from GetJob (0 and "" otherwise): its place in the queue and why it waits.
+    queue_position: int = 0
+    pending_reason: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -213,6 +216,8 @@ class JobInfo:
             last_seq=job.last_seq,
             worker=job.worker,
             spec=json.loads(job.spec_json) if job.spec_json else {},
+            queue_position=job.queue_position,
+            pending_reason=job.pending_reason,
         )
 
 

@@ -133,6 +133,8 @@ _SERVICE_FLAGS = (
     "metrics_port",
     "workers",
     "gpus",
+    "gpus_per_worker",
+    "cpu_devices",
     "store",
     "data_dir",
     "host",
@@ -280,6 +282,18 @@ def _store_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="all (required: no GPU is an error), auto (GPUs if any, else CPU workers), none, "
         "or a list like 0,1 (default none, or TRAINER_GPUS)",
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=int,
+        default=None,
+        help="GPUs each worker holds: jobs with runtime.devices up to it run there (default 1)",
+    )
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=None,
+        help="logical devices each CPU worker splits its CPU into (default 1)",
     )
     p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
     p.add_argument("--data-dir", default=None)

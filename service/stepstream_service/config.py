@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,9 +28,14 @@ class Settings(BaseSettings):
     # all: GPUs are required (no GPU is an error, never CPU workers); auto: GPUs if any, else
     # `workers` CPU workers with a warning; none; or a list like 0,1.
     gpus: str = "none"
+    # GPUs per worker process: a worker of N GPUs runs jobs with runtime.devices up to N.
+    gpus_per_worker: int = Field(default=1, ge=1)
     # TensorFlow's thread pools in each worker; unset: the CPUs this process may use, cgroup
     # CPU quota included (a container's --cpus, a Kubernetes CPU limit), not the node's cores.
     cpu_threads: int | None = Field(default=None, ge=1)
+    # Each CPU worker splits its CPU into this many logical devices, so that a job with
+    # runtime.devices > 1 trains data-parallel on a machine without GPUs (tests, trials).
+    cpu_devices: int = Field(default=1, ge=1, le=64)
     store: str | None = None  # a SQLAlchemy URL; SQLite under data_dir when unset
     data_dir: Path = Path("trainer-data")
     # Models, checkpoints and uploads: any fsspec URL (s3://bucket/prefix); data_dir when unset.
@@ -82,6 +87,10 @@ class Settings(BaseSettings):
     # model.to_json() writes it, so a ResNet-50's or EfficientNet-B0's fits.
     max_spec_bytes: int = 1024 * 1024
     max_queued_per_tenant: int = 1000
+    # Fair share between tenants (store.fairshare): a tenant's weight (1 when not listed) and
+    # the jobs one tenant may run at once (unset: no cap). JSON: {"team-a": 2, "team-b": 1}.
+    tenant_weights: dict[str, Annotated[float, Field(gt=0)]] = {}
+    max_running_per_tenant: int | None = Field(default=None, ge=1)
     max_watchers_per_tenant: int = 64
     # What a tenant may keep stored: its jobs' events, models and checkpoints, and its uploads.
     # At or over it, submits and uploads are refused and its running jobs fail; 0: no quota.

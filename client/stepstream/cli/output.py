@@ -175,6 +175,8 @@ def job_view(info: Any, now: float | None = None) -> str:
         ("Name", info.display_name),
         ("State", str(info.state)),
     ]
+    if getattr(info, "pending_reason", ""):
+        rows.append(("Waiting", f"#{info.queue_position} in the queue: {info.pending_reason}"))
     if info.labels:
         rows.append(("Labels", ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items()))))
     step = f"{info.step}/{info.total_steps}" if info.total_steps else str(info.step)

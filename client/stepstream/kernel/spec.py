@@ -1008,6 +1008,9 @@ class TrainingSpec(_Spec):
         return self
 
 
+MAX_DEVICES = 64  # devices one job may ask for
+
+
 class RuntimeSpec(_Spec):
     device: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
@@ -1020,6 +1023,13 @@ class RuntimeSpec(_Spec):
         "auto",
         description="Compile the training step with XLA. 'auto' does so whenever every layer "
         "supports it, on the CPU as well (where Keras's own 'auto' does not).",
+    )
+    devices: PositiveInt = Field(
+        1,
+        le=MAX_DEVICES,
+        description="Devices the job trains on, data-parallel on one worker (TensorFlow's "
+        "MirroredStrategy): each step splits training.batch_size, the global batch, evenly "
+        "across them. Only a worker holding that many devices runs it.",
     )
 
     @field_validator("device", "precision", mode="before")
@@ -1508,6 +1518,27 @@ def _conflicts(spec: JobSpec):
         )
     if spec.runtime.precision == "mixed_float16" and spec.runtime.device == "cpu":
         yield "runtime.precision", "mixed_float16 needs a GPU; on the CPU use mixed_bfloat16"
+    yield from _device_conflicts(spec.runtime, training.batch_size)
+
+
+def _device_conflicts(runtime: RuntimeSpec, batch_size: int):
+    n = runtime.devices
+    if n == 1:
+        return
+    if batch_size % n:
+        yield (
+            "training.batch_size",
+            f"batch_size {batch_size} (the global batch) does not split evenly over "
+            f"runtime.devices {n}; use a multiple of {n}",
+        )
+    # Both fail inside Keras 3 under tf.distribute (see the README's "Many devices").
+    if runtime.jit_compile is True:
+        yield "runtime.jit_compile", f"XLA does not compile a step across {n} devices; use auto"
+    if runtime.steps_per_execution not in ("auto", 1):
+        yield (
+            "runtime.steps_per_execution",
+            f"a job on {n} devices runs one step per device call; use auto",
+        )
 
 
 # The rank (axes of one example) each layer needs, from the data alone: the engine finds the

@@ -53,7 +53,7 @@ TRIAL_STATE_FAILED: TrialState
 TRIAL_STATE_CANCELLED: TrialState
 
 class Job(_message.Message):
-    __slots__ = ("name", "display_name", "state", "spec_json", "labels", "priority", "create_time", "start_time", "end_time", "attempts", "max_attempts", "failure", "step", "total_steps", "loss", "accuracy", "mae", "test_metrics", "model_available", "last_seq", "request_id", "worker")
+    __slots__ = ("name", "display_name", "state", "spec_json", "labels", "priority", "create_time", "start_time", "end_time", "attempts", "max_attempts", "failure", "step", "total_steps", "loss", "accuracy", "mae", "test_metrics", "model_available", "last_seq", "request_id", "worker", "queue_position", "pending_reason")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,8 @@ class Job(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PENDING_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     display_name: str
     state: JobState
@@ -112,7 +114,9 @@ class Job(_message.Message):
     last_seq: int
     request_id: str
     worker: str
-    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., max_attempts: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., mae: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., model_available: bool = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
+    queue_position: int
+    pending_reason: str
+    def __init__(self, name: _Optional[str] = ..., display_name: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., spec_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., max_attempts: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., loss: _Optional[float] = ..., accuracy: _Optional[float] = ..., mae: _Optional[float] = ..., test_metrics: _Optional[_Mapping[str, float]] = ..., model_available: bool = ..., last_seq: _Optional[int] = ..., request_id: _Optional[str] = ..., worker: _Optional[str] = ..., queue_position: _Optional[int] = ..., pending_reason: _Optional[str] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("reason", "message", "step")

@@ -21,7 +21,7 @@ from pathlib import Path
 from stepstream.kernel import names
 from stepstream.kernel.schema import schema_text
 from stepstream.kernel.spec import JobSpec, SpecError, SpecLimits, fork_conflicts
-from stepstream.kernel.states import TERMINAL
+from stepstream.kernel.states import TERMINAL, JobState
 from stepstream.v1 import trainer_pb2 as pb
 from stepstream.v1 import trainer_pb2_grpc
 from stepstream_service.api.auth import Auth
@@ -58,6 +58,8 @@ from stepstream_service.runtime.metrics import Metrics
 from stepstream_service.runtime.tail import EventTail
 from stepstream_service.store import Job, JobNotFound, NewJob, Store, WorkerInfo, quota
 from stepstream_service.store.artifacts import ArtifactStore
+from stepstream_service.store.fairshare import FairShare
+from stepstream_service.store.pending import pending
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             max_attempts=max_attempts,
             total_steps=spec.training.steps or 0,
             needs="gpu" if spec.runtime.device == "gpu" else "any",
+            devices=spec.runtime.devices,
             tenant=tenant or "",
         )
         self._check_answer_fits(new)
@@ -208,7 +211,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @handled
     def GetJob(self, request, context):
         tenant = self.auth.tenant_of(context)
-        return job_to_proto(self.store.get_job(job_id_of(request.name), tenant))
+        job = self.store.get_job(job_id_of(request.name), tenant)
+        message = job_to_proto(job)
+        if job.state == JobState.QUEUED:
+            within = 3 * self.settings.worker_seen_seconds
+            waits = pending(self.store, job, FairShare.of(self.settings), within)
+            message.queue_position, message.pending_reason = waits.position, waits.reason
+        return message
 
     @handled
     def ListJobs(self, request, context):

@@ -27,7 +27,7 @@ from stepstream.kernel.events import (
 )
 from stepstream.kernel.failures import Failure
 from stepstream.kernel.spec import JobSpec
-from stepstream_service.engine import datasets, models
+from stepstream_service.engine import datasets, distribution, models
 from stepstream_service.engine.datasets import Data, DataPaths
 from stepstream_service.engine.model_cache import ModelCache, shape_key
 from stepstream_service.engine.registry import LOSSES, METRICS, OPTIMIZERS, Labels, learning_rate
@@ -152,7 +152,11 @@ _XLA_ON_CPU = (
 
 def _placement(spec: JobSpec):
     """A device scope only to keep a job off a visible GPU: every backend already places
-    work on the GPU it can see (and on PyTorch a device scope breaks the gradients)."""
+    work on the GPU it can see (and on PyTorch a device scope breaks the gradients). A job on
+    several devices runs inside its strategy's scope: the model, its optimizer, metrics and
+    evaluation model are built there, with a copy of each variable on every device."""
+    if spec.runtime.devices > 1:
+        return distribution.strategy(spec.runtime.devices, spec.runtime.device).scope()
     if spec.runtime.device == "cpu":
         return keras.device("cpu:0")
     if spec.runtime.device == "gpu" and not gpu_available():
@@ -305,6 +309,17 @@ class _Run:
             if kept.eval_model is not None:
                 self.eval_model = kept.eval_model
         self.model, self.recorders, self.window = kept.model, kept.recorders, kept.window
+        if spec.runtime.devices > 1:
+            import tensorflow as tf
+
+            on = distribution.strategy_devices(tf.distribute.get_strategy())
+            self.log(
+                "data-parallel on %d devices (%s): global batch %d, %d per device",
+                len(on),
+                ", ".join(on),
+                spec.training.batch_size,
+                spec.training.batch_size // len(on),
+            )
         self.log(
             "built %s model: %s parameters; %d steps, %d per device call%s%s",
             spec.model.architecture,
@@ -377,11 +392,20 @@ class _Run:
                 "step_value": self._step_value(data),
                 "outputs": getattr(data, "named_outputs", None) is not None,
                 "runtime": spec.runtime.model_dump(mode="json"),
+                # A kept model trains under the strategy it was built in: the same devices.
+                "placement": self._placement_devices(),
                 "jit_compile": self._jit_compile(model),
                 # They set the steps per device call (see _window).
                 "window": [t.batch_size, t.eval_every, t.checkpoint_every],
             }
         )
+
+    def _placement_devices(self) -> list[str] | None:
+        if self.spec.runtime.devices == 1:
+            return None
+        import tensorflow as tf
+
+        return distribution.strategy_devices(tf.distribute.get_strategy())
 
     def _resume(self, model: keras.Model) -> int:
         """Load the newest intact checkpoint; its step (0 when there is none). Each one passed
@@ -466,6 +490,10 @@ class _Run:
         recurrent layers (0.93x). See docs/benchmarks.md. A short job gets no XLA: compiling
         costs about a second, more than it saves over fewer than XLA_MIN_STEPS steps."""
         choice = self.spec.runtime.jit_compile
+        if self.spec.runtime.devices > 1:
+            # XLA cannot compile a step whose variables live on several devices (the spec
+            # refuses True); Keras's own "auto" would try it on GPUs.
+            return False
         if choice != "auto" or keras.config.backend() != "tensorflow":
             return choice
         if self.spec.runtime.device != "cpu" and gpu_available():
@@ -481,6 +509,10 @@ class _Run:
         choice = self.spec.runtime.steps_per_execution
         if keras.config.backend() == "torch":
             return 1  # Keras runs PyTorch eagerly, one step per call, and refuses more
+        if self.spec.runtime.devices > 1:
+            # Keras's loop of several steps per call fails under tf.distribute
+            # (keras-team/keras#19246); the spec refuses any other number.
+            return 1
         if choice == "auto":
             batch = data.sample(self.spec.training.batch_size)
             # Compiled, not eager: eager recurrent layers are far slower than their graphs.
@@ -567,7 +599,8 @@ class _Run:
     def _split(self, name: str) -> tuple:
         """A split as _evaluate takes it: arrays, or a streamed dataset's batches."""
         if isinstance(self.data, Stream):
-            return self.data.split(name, max(self.spec.training.batch_size, 256)), None
+            rows = self.data.val_rows if name == "validation" else self.data.test_rows
+            return self.data.split(name, self._eval_batch(rows)), None
         if name == "test":
             return self.data.x_test, self.data.y_test
         return self.data.eval_split[1:]
@@ -585,12 +618,27 @@ class _Run:
                 metrics={n: asked() for n in self.eval_model.output_names} if several else asked(),
             )
         _sync(self.model)
-        batch = max(self.spec.training.batch_size, 256)
         if y is None:  # a tf.data dataset of batches
             values = self.eval_model.evaluate(x, verbose=0, return_dict=True)
         else:
-            values = self.eval_model.evaluate(x, y, batch_size=batch, verbose=0, return_dict=True)
+            rows = len(keras.tree.flatten(x)[0])  # arrays, or dicts or lists of them
+            values = self.eval_model.evaluate(
+                x, y, batch_size=self._eval_batch(rows), verbose=0, return_dict=True
+            )
         return {k: float(v) for k, v in values.items()}
+
+    def _eval_batch(self, rows: int | None) -> int:
+        batch = max(self.spec.training.batch_size, 256)
+        n = self.spec.runtime.devices
+        if n == 1:
+            return batch
+        # Under a strategy Keras builds the model from the first batch's shares, averaged
+        # over the replicas, which fails unless they are of one size: a first batch that
+        # splits evenly (later ones may not; the replicas take them as they come).
+        batch -= batch % n
+        if rows is not None and n <= rows < batch:
+            batch = rows - rows % n
+        return batch
 
     def checkpoint(self, step: int) -> None:
         path = self._save_checkpoint(step)

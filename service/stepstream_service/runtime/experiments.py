@@ -322,6 +322,7 @@ class Controller:
                 max_attempts=self.settings.max_attempts,
                 total_steps=job_spec.training.steps or 0,
                 needs="gpu" if job_spec.runtime.device == "gpu" else "any",
+                devices=job_spec.runtime.devices,
                 tenant=exp.tenant,
             )
             _, job = self.store.add_trial(exp.id, number, params, new)

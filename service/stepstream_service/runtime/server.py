@@ -148,8 +148,19 @@ class Supervisor:
         self.settings = settings
         self.metrics = metrics
         gpus = gpu_ids(settings.gpus)
-        # An empty CUDA_VISIBLE_DEVICES hides every GPU from a CPU worker.
-        self.slots = [(f"gpu{g}", g) for g in gpus] or [
+        # Workers of gpus_per_worker GPUs each, for jobs with runtime.devices > 1; GPUs left
+        # over (fewer than a group) get no worker. An empty CUDA_VISIBLE_DEVICES hides every
+        # GPU from a CPU worker.
+        n = settings.gpus_per_worker
+        groups = [gpus[i : i + n] for i in range(0, len(gpus) - n + 1, n)]
+        if len(gpus) % n:
+            log.warning(
+                "GPUs %s: %d per worker leaves %s without a worker",
+                ",".join(gpus),
+                n,
+                ",".join(gpus[len(groups) * n :]),
+            )
+        self.slots = [(f"gpu{'+'.join(g)}", ",".join(g)) for g in groups] or [
             (f"cpu{i}", "") for i in range(settings.workers)
         ]
         self.procs: dict[str, subprocess.Popen] = {}
@@ -179,6 +190,13 @@ class Supervisor:
         )
         if s.cpu_threads is not None:
             env["TRAINER_CPU_THREADS"] = str(s.cpu_threads)
+        env.update(
+            TRAINER_CPU_DEVICES=str(s.cpu_devices),
+            TRAINER_MODEL_CACHE_MIB=str(s.model_cache_mib),
+            TRAINER_TENANT_WEIGHTS=json.dumps(s.tenant_weights),
+        )
+        if s.max_running_per_tenant is not None:
+            env["TRAINER_MAX_RUNNING_PER_TENANT"] = str(s.max_running_per_tenant)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         return env
 

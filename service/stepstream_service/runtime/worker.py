@@ -46,8 +46,10 @@ from stepstream_service.store.artifacts import (
     push_folder,
 )
 from stepstream_service.store.errors import StorageQuotaExceeded
+from stepstream_service.store.fairshare import FairShare
 from stepstream_service.store.quota import check_quota, count_artifacts
 from stepstream_service.store.wakeups import Wakeups
+from stepstream_service.store.workers import device_count
 
 if TYPE_CHECKING:  # the engine imports the framework: the worker loads it once, in main()
     from stepstream_service.engine.trainer import ForkSource
@@ -253,6 +255,7 @@ class Worker:
         self.retired = False
         self.memory: int | None = None  # what a job must fit in here, once run() measured it
         self.models = ModelCache(settings.model_cache_mib << 20)
+        self.share = FairShare.of(settings)
 
     def run(self) -> None:
         # Measured once the framework is loaded: what is left is what a job can ever have.
@@ -273,7 +276,13 @@ class Worker:
         baseline = resident_mib()
         while not self.stopping.is_set():
             try:
-                job = self.store.claim(self.id, self.settings.lease_seconds, gpus=self.gpus)
+                job = self.store.claim(
+                    self.id,
+                    self.settings.lease_seconds,
+                    gpus=self.gpus,
+                    devices=device_count(self.devices),
+                    share=self.share,
+                )
                 if job is None and time.monotonic() - seen > self.settings.worker_seen_seconds:
                     self.store.worker_seen(self.id)
                     seen = time.monotonic()
@@ -607,13 +616,13 @@ def main(argv: list[str] | None = None) -> int:
     # Before the framework's runtime starts (the import below, then devices()): the pools'
     # sizes cannot change after.
     configure_tensorflow(settings, who)
-    from stepstream_service.engine.trainer import (
-        devices,
-    )  # imports the framework once, before any job
+    # The framework, imported once before any job; the CPU split before its runtime starts.
+    from stepstream_service.engine.distribution import split_cpu, visible_devices
 
+    split_cpu(settings.cpu_devices)
     store = Store(settings.store_url)
     wakeups = Wakeups(settings.store_url, (QUEUE_CHANNEL,)).start()
-    worker = Worker(settings, store, args.worker_id, wakeups=wakeups, devices=devices())
+    worker = Worker(settings, store, args.worker_id, wakeups=wakeups, devices=visible_devices())
     worker.stopping = stopping
     worker.run()
     wakeups.stop()

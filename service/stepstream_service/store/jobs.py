@@ -79,6 +79,7 @@ class Job:
     worker: str | None = None
     tenant: str = ""
     stored_bytes: int = 0
+    devices: int = 1
 
     @property
     def terminal(self) -> bool:
@@ -115,6 +116,7 @@ class NewJob:
     total_steps: int = 0
     needs: str = "any"  # "gpu": only a worker with a GPU claims it
     tenant: str = ""
+    devices: int = 1  # only a worker holding this many devices claims it
 
 
 def new_job_id() -> str:
@@ -198,6 +200,7 @@ class Jobs(EventLog, Database):
                 last_seq=0,
                 needs=new.needs,
                 tenant=new.tenant,
+                devices=new.devices,
             )
         )
         self._append(conn, job_id, [NewEvent.of(StateEvent(JobState.QUEUED, 0, time.time()))])

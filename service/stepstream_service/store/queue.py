@@ -13,38 +13,80 @@ from stepstream.kernel.failures import Failure
 from stepstream.kernel.states import JobState
 from stepstream_service.store.errors import LeaseLost
 from stepstream_service.store.events import NewEvent
+from stepstream_service.store.fairshare import EVEN, FairShare, Usage, Waiting
 from stepstream_service.store.jobs import Job, Jobs
 from stepstream_service.store.schema import jobs, workers
 
 
 class Queue(Jobs):
-    """Workers take jobs from here, highest priority and oldest first."""
+    """Workers take jobs from here: fair share between tenants, then priority and age."""
 
-    def claim(self, worker: str, lease_seconds: float, *, gpus: int = 0) -> Job | None:
-        """Take the highest-priority, oldest queued job this worker can run, and lease it.
+    def claim(
+        self,
+        worker: str,
+        lease_seconds: float,
+        *,
+        gpus: int = 0,
+        devices: int = 1,
+        share: FairShare = EVEN,
+    ) -> Job | None:
+        """Take the next queued job this worker can run (see store.fairshare for which), and
+        lease it: one asking for at most `devices` devices, and none that needs a GPU when
+        the worker has none. All of a job's devices are the one worker's, so a job is claimed
+        whole or not at all, and no job holds part of what it needs while it waits.
 
         On PostgreSQL, rows another claimer holds are skipped (FOR UPDATE SKIP LOCKED), so many
         workers claim different jobs at once without waiting for each other.
         """
-        query = sa.select(jobs).where(jobs.c.state == JobState.QUEUED.value)
+        fits = (jobs.c.state == JobState.QUEUED.value) & (jobs.c.devices <= devices)
         if gpus == 0:
-            query = query.where(jobs.c.needs != "gpu")
-        query = query.order_by(jobs.c.priority.desc(), jobs.c.queued_at, jobs.c.id).limit(1)
+            fits &= jobs.c.needs != "gpu"
         with self.engine.begin() as conn:
-            row = conn.execute(self._locked(query, skip_locked=True)).first()
-            if row is None:
+            waiting = conn.execute(
+                sa.select(
+                    jobs.c.tenant, sa.func.max(jobs.c.priority), sa.func.min(jobs.c.queued_at)
+                )
+                .where(fits)
+                .group_by(jobs.c.tenant)
+            ).all()
+            if not waiting:
                 return None
-            job = Job.from_row(row)
-            self.transition(
-                conn,
-                job,
-                JobState.RUNNING,
-                lease_owner=worker,
-                worker=worker,
-                lease_expires_at=time.time() + lease_seconds,
-                attempts=job.attempts + 1,
+            order = share.order(
+                (Waiting(*row) for row in waiting),
+                self._usage(conn) if len(waiting) > 1 or share.max_running else {},
             )
-            return self._get(conn, job.id)
+            for tenant in order:
+                query = (
+                    sa.select(jobs)
+                    .where(fits & (jobs.c.tenant == tenant))
+                    .order_by(jobs.c.priority.desc(), jobs.c.queued_at, jobs.c.id)
+                    .limit(1)
+                )
+                row = conn.execute(self._locked(query, skip_locked=True)).first()
+                if row is None:  # another worker is taking it
+                    continue
+                job = Job.from_row(row)
+                self.transition(
+                    conn,
+                    job,
+                    JobState.RUNNING,
+                    lease_owner=worker,
+                    worker=worker,
+                    lease_expires_at=time.time() + lease_seconds,
+                    attempts=job.attempts + 1,
+                )
+                return self._get(conn, job.id)
+            return None
+
+    def _usage(self, conn: sa.Connection) -> dict[str, Usage]:
+        """Each tenant's running jobs and the devices they hold."""
+        held = (JobState.RUNNING.value, JobState.CANCELLING.value)
+        rows = conn.execute(
+            sa.select(jobs.c.tenant, sa.func.count(), sa.func.sum(jobs.c.devices))
+            .where(jobs.c.state.in_(held))
+            .group_by(jobs.c.tenant)
+        ).all()
+        return {tenant: Usage(int(n), int(d or 0)) for tenant, n, d in rows}
 
     def heartbeat(self, job_id: str, worker: str, lease_seconds: float) -> bool:
         """Extend the lease; True when the job should stop (cancel requested)."""

@@ -61,6 +61,8 @@ jobs = sa.Table(
     sa.Column("last_seq", sa.BigInteger, nullable=False, default=0),
     # "gpu" jobs are claimed only by workers with a GPU; "any" by every worker.
     sa.Column("needs", sa.String(8), nullable=False, default="any", server_default="any"),
+    # Devices it trains on (runtime.devices), all held by the one worker that claims it.
+    sa.Column("devices", sa.Integer, nullable=False, default=1, server_default="1"),
     sa.Column("worker", sa.String(128)),  # the last attempt's worker; the lease is cleared
     # "" when the server runs without authentication; else the token's tenant.
     sa.Column("tenant", sa.String(64), nullable=False, default="", server_default=""),

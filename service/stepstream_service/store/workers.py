@@ -26,6 +26,13 @@ class WorkerInfo:
     memory_bytes: int | None = None  # what a job must fit in on it; None: not told
 
 
+def device_count(devices: list[str]) -> int:
+    """The devices a worker trains one job on: its GPUs when it has any, else its CPU devices
+    (one, or the logical ones it split its CPU into)."""
+    gpus = sum(1 for d in devices if "GPU" in d.upper())
+    return gpus or max(1, sum(1 for d in devices if "CPU" in d.upper()))
+
+
 class Workers(Database):
     """The workers table."""
 

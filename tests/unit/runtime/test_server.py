@@ -34,6 +34,17 @@ def test_one_worker_per_listed_gpu_each_pinned(tmp_path: Path):
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1"]
 
 
+def test_workers_of_several_gpus_for_jobs_on_several_devices(tmp_path: Path, caplog):
+    sup = Supervisor(Settings(gpus="0,1,2,3,4", gpus_per_worker=2, data_dir=tmp_path))
+    assert sup.slots == [("gpu0+1", "0,1"), ("gpu2+3", "2,3")]
+    assert "leaves 4 without a worker" in caplog.text
+
+
+def test_cpu_workers_split_into_logical_devices_when_asked(tmp_path: Path):
+    sup = Supervisor(Settings(workers=2, cpu_devices=2, data_dir=tmp_path))
+    assert sup._env("")["TRAINER_CPU_DEVICES"] == "2"
+
+
 def test_cpu_workers_see_no_gpu_and_share_the_store(tmp_path: Path):
     settings = Settings(gpus="none", workers=3, data_dir=tmp_path, lease_seconds=7)
     sup = Supervisor(settings)
