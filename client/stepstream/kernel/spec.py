@@ -1531,14 +1531,9 @@ def _device_conflicts(runtime: RuntimeSpec, batch_size: int):
             f"batch_size {batch_size} (the global batch) does not split evenly over "
             f"runtime.devices {n}; use a multiple of {n}",
         )
-    # Both fail inside Keras 3 under tf.distribute (see the README's "Many devices").
+    # It fails inside Keras 3 under tf.distribute (see the README's "Many devices").
     if runtime.jit_compile is True:
         yield "runtime.jit_compile", f"XLA does not compile a step across {n} devices; use auto"
-    if runtime.steps_per_execution not in ("auto", 1):
-        yield (
-            "runtime.steps_per_execution",
-            f"a job on {n} devices runs one step per device call; use auto",
-        )
 
 
 # The rank (axes of one example) each layer needs, from the data alone: the engine finds the

@@ -109,3 +109,34 @@ def short(device: str) -> str:
 def strategy_devices(distribution) -> list[str]:
     """The devices a strategy's replicas run on, short names."""
     return [short(d) for d in distribution.extended.worker_devices]
+
+
+def train_function(model: keras.Model, window: int, distribution):
+    """Keras's train function for a compiled model under `distribution`, `window` steps per
+    call, and the variable that says how many steps are left (set it before each fit).
+
+    Keras's own loop of several steps per call fails under tf.distribute (it feeds the step
+    an Optional inside a while loop: keras-team/keras#19246). This one is a plain loop of
+    `strategy.run` over the iterator, which runs; it never reads past the steps left, so no
+    step of a last, shorter window is lost.
+    """
+    import tensorflow as tf
+    from keras.src.backend.tensorflow.trainer import reduce_per_replica
+
+    with tf.init_scope():  # one copy, outside the strategy: only the host reads it
+        left = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_left")
+
+    def step(data):
+        outputs = distribution.run(model.train_step, args=(data,))
+        return reduce_per_replica(outputs, distribution, reduction="auto")
+
+    @tf.function(reduce_retracing=True)
+    def function(iterator):
+        n = tf.minimum(tf.constant(window, tf.int64), left)
+        outputs = step(next(iterator))  # past the end: OutOfRange, which ends Keras's epoch
+        for _ in tf.range(n - 1):
+            outputs = step(next(iterator))
+        left.assign_sub(n)
+        return outputs
+
+    return function, left

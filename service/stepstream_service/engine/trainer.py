@@ -228,6 +228,7 @@ class _Compiled:
     optimizer_start: _Start
     eval_model: keras.Model | None = None
     jobs: int = 0  # the jobs it has trained
+    steps_left: Any = None  # several devices: the steps its train function may still take
 
     @property
     def nbytes(self) -> int:
@@ -309,6 +310,7 @@ class _Run:
             if kept.eval_model is not None:
                 self.eval_model = kept.eval_model
         self.model, self.recorders, self.window = kept.model, kept.recorders, kept.window
+        self.steps_left = kept.steps_left
         if spec.runtime.devices > 1:
             import tensorflow as tf
 
@@ -367,7 +369,14 @@ class _Run:
         )
         # Built now, not at the first step: its state as it starts is what a reuse restores.
         model.optimizer.build(model.trainable_variables)
-        return _Compiled(model, recorders, window, _Start.of(model.optimizer.variables))
+        compiled = _Compiled(model, recorders, window, _Start.of(model.optimizer.variables))
+        if spec.runtime.devices > 1:
+            import tensorflow as tf
+
+            model.train_function, compiled.steps_left = distribution.train_function(
+                model, window, tf.distribute.get_strategy()
+            )
+        return compiled
 
     def _shape_key(self, model: keras.Model, data: Data) -> str | None:
         """What the traced training program of this job depends on, beyond its variables'
@@ -509,10 +518,6 @@ class _Run:
         choice = self.spec.runtime.steps_per_execution
         if keras.config.backend() == "torch":
             return 1  # Keras runs PyTorch eagerly, one step per call, and refuses more
-        if self.spec.runtime.devices > 1:
-            # Keras's loop of several steps per call fails under tf.distribute
-            # (keras-team/keras#19246); the spec refuses any other number.
-            return 1
         if choice == "auto":
             batch = data.sample(self.spec.training.batch_size)
             # Compiled, not eager: eager recurrent layers are far slower than their graphs.
@@ -552,6 +557,8 @@ class _Run:
         outcome = _Outcome()
         stream = _StepStream(self, start, outcome)
         if start < self.total:
+            if self.steps_left is not None:
+                self.steps_left.assign(self.total - start)
             try:
                 self.model.fit(
                     self._dataset(start), epochs=1, verbose=0, shuffle=False, callbacks=[stream]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,10 @@ def results(tmp_path_factory) -> dict[str, dict]:
         # Each epoch ends in a batch of 21, shared 11 and 10.
         "uneven_one": {"spec": spec(1, UNEVEN, shuffle=False)},
         "uneven_two": {"spec": spec(2, UNEVEN, shuffle=False)},
-        "stopped": {"spec": spec(2), "stop_at": 30},
+        "stopped": {
+            "spec": {**spec(2), "runtime": {"devices": 2, "steps_per_execution": 10}},
+            "stop_at": 30,
+        },
         "too_many": {"spec": spec(4)},
     }
     for name, job in jobs.items():
@@ -101,7 +105,10 @@ def test_two_devices_train_as_one_and_stream_every_global_step_once(results):
     assert two["checkpoints"] == [50, 100]
     said = "data-parallel on 2 devices (CPU:0, CPU:1): global batch 32, 16 per device"
     assert said in two["logs"]
-    assert "1 per device call" in "\n".join(two["logs"])
+    # Several steps per device call, as on one device (Keras's own loop for that fails under
+    # tf.distribute; engine.distribution.train_function runs instead).
+    (window,) = re.findall(r"(\d+) per device call", "\n".join(two["logs"]))
+    assert int(window) > 1
     assert not any("data-parallel" in m for m in one["logs"])
 
 
@@ -137,7 +144,7 @@ def test_a_two_device_checkpoint_resumes_on_two_devices_and_on_one(results):
 def test_a_stop_request_stops_a_two_device_job(results):
     stopped = results["stopped"]
     assert (stopped["outcome"], stopped["stop_reason"]) == ("cancelled", "cancelled")
-    assert stopped["steps"] == list(range(1, 31))  # one step per device call: seen at once
+    assert stopped["steps"] == list(range(1, 31))  # seen at the end of the window it falls in
 
 
 def test_a_job_asking_for_more_devices_than_the_worker_holds_fails_saying_so(results):
