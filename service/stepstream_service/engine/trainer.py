@@ -370,8 +370,7 @@ class _Run:
         # Built now, not at the first step: its state as it starts is what a reuse restores.
         model.optimizer.build(model.trainable_variables)
         # Read only where a cache may take the model: it copies every optimizer variable.
-        kept = self.models is not None and self.models.budget > 0
-        start = _Start.of(model.optimizer.variables) if kept else _Start([])
+        start = _Start.of(model.optimizer.variables) if self.models is not None else _Start([])
         compiled = _Compiled(model, recorders, window, start)
         if spec.runtime.devices > 1:
             import tensorflow as tf

@@ -254,7 +254,10 @@ class Worker:
         self.jobs_run = 0
         self.retired = False
         self.memory: int | None = None  # what a job must fit in here, once run() measured it
-        self.models = ModelCache(settings.model_cache_mib << 20)
+        # None when off: no job then pays for a cache key it would never use.
+        self.models = (
+            ModelCache(settings.model_cache_mib << 20) if settings.model_cache_mib else None
+        )
         self.share = FairShare.of(settings)
 
     def run(self) -> None:

@@ -34,7 +34,7 @@ def pending(store: Store, job: Job, share: FairShare, live_within: float) -> Pen
             .where(jobs.c.state == JobState.QUEUED.value)
             .order_by(jobs.c.priority.desc(), jobs.c.queued_at, jobs.c.id)
         ).all()
-        usage = store._usage(conn)
+        usage = store.running_usage(conn)
     position = _position(rows, usage, dataclasses.replace(share, max_running=None), job.id)
     return Pending(position, _reason(store, job, share, usage, position, live_within))
 

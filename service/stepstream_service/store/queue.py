@@ -53,7 +53,7 @@ class Queue(Jobs):
                 return None
             order = share.order(
                 (Waiting(*row) for row in waiting),
-                self._usage(conn) if len(waiting) > 1 or share.max_running else {},
+                self.running_usage(conn) if len(waiting) > 1 or share.max_running else {},
             )
             for tenant in order:
                 query = (
@@ -78,7 +78,7 @@ class Queue(Jobs):
                 return self._get(conn, job.id)
             return None
 
-    def _usage(self, conn: sa.Connection) -> dict[str, Usage]:
+    def running_usage(self, conn: sa.Connection) -> dict[str, Usage]:
         """Each tenant's running jobs and the devices they hold."""
         held = (JobState.RUNNING.value, JobState.CANCELLING.value)
         rows = conn.execute(
