@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     # Each CPU worker splits its CPU into this many logical devices, so that a job with
     # runtime.devices > 1 trains data-parallel on a machine without GPUs (tests, trials).
     cpu_devices: int = Field(default=1, ge=1, le=64)
+    # Jobs across workers (runtime.machines): the host other workers reach this one's
+    # replicas at (unset: this machine's name), and how long a replica waits on a peer that
+    # stopped answering before the attempt fails and the job is queued again.
+    gang_host: str | None = None
+    gang_timeout_seconds: float = Field(default=60.0, gt=0)
     store: str | None = None  # a SQLAlchemy URL; SQLite under data_dir when unset
     data_dir: Path = Path("trainer-data")
     # Models, checkpoints and uploads: any fsspec URL (s3://bucket/prefix); data_dir when unset.

@@ -123,3 +123,44 @@ def test_two_gangs_on_three_devices_both_finish(start_service, tmp_path):
     assert [i.state for i in infos] == ["SUCCEEDED"] * 3
     # The gangs ran on the two-device worker, one after the other; never on the single one.
     assert all(not i.worker.startswith(host.id_prefix) for i in infos[:2])
+
+
+# Jobs across workers (runtime.machines): two worker processes of one server stand in for two
+# machines; their replicas talk over gRPC on loopback.
+ACROSS = {"gang_host": "127.0.0.1", "gang_timeout_seconds": 15}
+DATA = {
+    "name": "synthetic_classification",
+    "num_samples": 1216,
+    "num_features": 10,
+    "num_classes": 3,
+    "noise": 3.0,
+}
+
+
+def across(machines: int, steps: int, name: str, **training) -> dict:
+    return {
+        "name": name,
+        "model": {"architecture": "mlp", "hidden_units": [16]},
+        "optimizer": {"name": "adam", "learning_rate": 0.01},
+        "dataset": DATA,
+        "metrics": ["accuracy"],
+        "training": {"steps": steps, "batch_size": 32, "seed": 3, "shuffle": False, **training},
+        "runtime": {"devices": machines, "machines": machines, "steps_per_execution": 10},
+    }
+
+
+def test_a_job_across_two_workers_trains_as_one_device_does(start_service):
+    svc = start_service(workers=2, **ACROSS)
+    with TrainingClient(svc.address) as c:
+        alone = c.submit({**across(1, 150, "alone"), "runtime": {"steps_per_execution": 10}})
+        one = alone.wait(timeout=180)
+        job = c.submit(across(2, 150, "pair", eval_every=50, checkpoint_every=50))
+        info = job.wait(timeout=240)
+        events = list(job.stream())
+    assert one.state == "SUCCEEDED", one.failure
+    assert info.state == "SUCCEEDED", info.failure
+    assert steps_of(events) == list(range(1, 151))  # every step once, from the chief
+    assert any("on each of 2 workers" in m for m in logs_of(events))
+    assert abs(info.test_metrics["accuracy"] - one.test_metrics["accuracy"]) <= 0.01
+    evals = [e for e in events if e.kind == "eval"]
+    assert [e.step for e in evals] == [50, 100, 150]

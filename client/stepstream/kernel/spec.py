@@ -1009,6 +1009,7 @@ class TrainingSpec(_Spec):
 
 
 MAX_DEVICES = 64  # devices one job may ask for
+MAX_MACHINES = 16  # workers one job may span
 
 
 class RuntimeSpec(_Spec):
@@ -1029,7 +1030,15 @@ class RuntimeSpec(_Spec):
         le=MAX_DEVICES,
         description="Devices the job trains on, data-parallel on one worker (TensorFlow's "
         "MirroredStrategy): each step splits training.batch_size, the global batch, evenly "
-        "across them. Only a worker holding that many devices runs it.",
+        "across them. Only a worker holding that many devices runs it. With machines > 1, "
+        "the devices of all the machines together.",
+    )
+    machines: PositiveInt = Field(
+        1,
+        le=MAX_MACHINES,
+        description="Workers the job spans, data-parallel across them (TensorFlow's "
+        "MultiWorkerMirroredStrategy, the service writing each one's cluster spec): "
+        "runtime.devices / machines devices on each. All are claimed together or none.",
     )
 
     @field_validator("device", "precision", mode="before")
@@ -1522,7 +1531,13 @@ def _conflicts(spec: JobSpec):
 
 
 def _device_conflicts(runtime: RuntimeSpec, batch_size: int):
-    n = runtime.devices
+    n, machines = runtime.devices, runtime.machines
+    if n % machines:
+        yield (
+            "runtime.devices",
+            f"devices {n} do not split evenly over runtime.machines {machines}; use a multiple "
+            f"of {machines} (the devices of all the machines together)",
+        )
     if n == 1:
         return
     if batch_size % n:

@@ -145,6 +145,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             total_steps=spec.training.steps or 0,
             needs="gpu" if spec.runtime.device == "gpu" else "any",
             devices=spec.runtime.devices,
+            machines=spec.runtime.machines,
             tenant=tenant or "",
         )
         self._check_answer_fits(new)

@@ -1,10 +1,18 @@
-"""One job on several devices of one machine, data-parallel (runtime.devices > 1).
+"""One job on several devices, data-parallel (runtime.devices > 1), on one machine or several
+(runtime.machines > 1).
 
 TensorFlow's MirroredStrategy keeps a copy of the model on each device, splits every global
 batch evenly between them and sums the gradients before each update, so N devices train the
 job exactly as one device would at the same global batch. A machine without GPUs can split
 its CPU into logical devices: slower than one device (they share the same cores), but the same
 code path, which is what tests and small trials on a laptop need.
+
+Across machines, MultiWorkerMirroredStrategy does the same over gRPC between one process per
+machine (a Cluster: every rank's address). Keras 3's own loops fail under it (they reduce
+scalars along an axis, and build the model from a batch averaged across the workers), so a job
+there runs on this module's train and test functions and builds from its local batch; every
+decision that ends or changes the run is agreed by all ranks (agreed), and each rank starts
+from the chief's variables (from_chief).
 
 Only the TensorFlow backend: the Keras distribution API's TensorFlow side is a stub, and JAX's
 is not what this service runs.
@@ -13,6 +21,7 @@ is not what this service runs.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import keras
 
@@ -101,6 +110,137 @@ def _mirrored(names: tuple[str, ...]):
     return tf.distribute.MirroredStrategy(list(names))
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """One rank of a job across workers: every rank's "host:port" (the chief's first), this
+    process's rank, the GPUs it trains on (0: its CPU), and how long a collective waits on a
+    peer before the attempt fails."""
+
+    addresses: tuple[str, ...]
+    rank: int
+    gpus: int = 0
+    timeout_seconds: float = 60.0
+
+
+def multi_worker(cluster: Cluster):
+    """The strategy of one rank. TensorFlow sets its collectives up once, before any other
+    op, so a process makes it first and only once (runtime.gang runs each rank in a process of
+    its own)."""
+    import tensorflow as tf
+
+    if cluster.gpus:
+        gpus = tf.config.list_physical_devices("GPU")
+        if len(gpus) < cluster.gpus:
+            raise NotEnoughDevices(
+                f"the job asks for {cluster.gpus} GPUs on each worker; this one has {len(gpus)}"
+            )
+        tf.config.set_visible_devices(gpus[: cluster.gpus], "GPU")
+    else:
+        tf.config.set_visible_devices([], "GPU")
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": list(cluster.addresses)}),
+        task_type="worker",
+        task_id=cluster.rank,
+        num_accelerators={"GPU": cluster.gpus} if cluster.gpus else None,
+        rpc_layer="grpc",
+    )
+    options = tf.distribute.experimental.CommunicationOptions(
+        timeout_seconds=cluster.timeout_seconds
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=options
+    )
+
+
+def across_workers(distribution) -> bool:
+    in_mode = getattr(distribution.extended, "_in_multi_worker_mode", None)
+    return bool(in_mode and in_mode())
+
+
+def build_locally(model: keras.Model, distribution) -> None:
+    """Build `model` from one local replica's batch when fit or evaluate first needs it,
+    instead of Keras's average of the batch across replicas (a collective that fails across
+    workers, and needs equal shares)."""
+    import tensorflow as tf
+
+    def first(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return distribution.experimental_local_results(value)[0]
+        return value
+
+    def build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = next(it)
+                break
+        with distribution.scope():
+            model._symbolic_build(data_batch=tf.nest.map_structure(first, data_batch))
+
+    model._maybe_symbolic_build = build
+
+
+def test_function(model: keras.Model, distribution):
+    """Keras's test function for `model` under `distribution`, one batch per call. The
+    metrics it returns per batch are this process's; evaluate's final values are read from
+    the metrics' variables, summed across every replica."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def function(iterator):
+        outputs = distribution.run(model.test_step, args=(next(iterator),))
+        return tf.nest.map_structure(lambda v: _local_mean(v, distribution), outputs)
+
+    return function
+
+
+def from_chief(distribution, variables: list, start: int) -> int:
+    """Give every rank the chief's values of `variables` and its first step: what it resumed
+    or forked from, which only the chief fetched."""
+    import tensorflow as tf
+
+    tensors = [tf.convert_to_tensor(v.value) for v in variables]
+    tensors.append(tf.constant(start, tf.int64))
+    # One batched all-reduce per dtype: a batch packs its tensors into one.
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+
+    def chiefs(values):
+        ctx = tf.distribute.get_replica_context()
+        mine = tf.equal(ctx.replica_id_in_sync_group, 0)
+        out = list(values)
+        for indices in groups.values():
+            kept = [tf.where(mine, values[i], tf.zeros_like(values[i])) for i in indices]
+            for i, value in zip(
+                indices, ctx.all_reduce(tf.distribute.ReduceOp.SUM, kept), strict=False
+            ):
+                out[i] = value
+        return out
+
+    @tf.function
+    def broadcast(values):
+        return distribution.run(chiefs, args=(values,))
+
+    reduced = [distribution.experimental_local_results(v)[0] for v in broadcast(tensors)]
+    for variable, value in zip(variables, reduced[:-1], strict=True):
+        variable.assign(value)
+    return int(reduced[-1])
+
+
+def agreed(distribution, flags: list[bool]) -> list[bool]:
+    """Each flag true when it is true on any rank: every rank then stops (or not) at the
+    same step, and none waits for a peer that has left."""
+    import tensorflow as tf
+
+    mine = tf.constant([int(f) for f in flags], tf.int32)
+    anyone = distribution.reduce(
+        tf.distribute.ReduceOp.SUM,
+        distribution.run(lambda: tf.identity(mine)),
+        axis=None,
+    )
+    return [bool(v) for v in anyone.numpy()]
+
+
 def short(device: str) -> str:
     """ "/job:localhost/replica:0/task:0/device:CPU:1" as "CPU:1"."""
     return device.rsplit("device:", 1)[-1]
@@ -121,14 +261,13 @@ def train_function(model: keras.Model, window: int, distribution):
     step of a last, shorter window is lost.
     """
     import tensorflow as tf
-    from keras.src.backend.tensorflow.trainer import reduce_per_replica
 
     with tf.init_scope():  # one copy, outside the strategy: only the host reads it
         left = tf.Variable(0, dtype=tf.int64, trainable=False, name="steps_left")
 
     def step(data):
         outputs = distribution.run(model.train_step, args=(data,))
-        return reduce_per_replica(outputs, distribution, reduction="auto")
+        return tf.nest.map_structure(lambda v: _local_mean(v, distribution), outputs)
 
     @tf.function(reduce_retracing=True)
     def function(iterator):
@@ -140,3 +279,14 @@ def train_function(model: keras.Model, window: int, distribution):
         return outputs
 
     return function, left
+
+
+def _local_mean(value, distribution):
+    """The mean over this process's replicas. The step recorders have already summed every
+    replica's share (engine.step_record), and a reduce across workers here would cost a
+    round trip per call."""
+    import tensorflow as tf
+
+    if not isinstance(value, tf.distribute.DistributedValues):
+        return value
+    return tf.reduce_mean(distribution.experimental_local_results(value), axis=0)

@@ -93,6 +93,7 @@ def train(
     start_from: ForkSource | None = None,
     final_checkpoint: bool = False,
     models: ModelCache | None = None,
+    cluster: distribution.Cluster | None = None,
 ) -> ResultEvent:
     """Train `spec`, emitting events; return (and emit) the final ResultEvent.
 
@@ -111,6 +112,8 @@ def train(
     last step, which no event announces: the state a fork of it starts from.
     With `models`, a model compiled for an earlier job of the same shape is trained again from
     this job's fresh start instead of building and tracing anew (see engine.model_cache).
+    With `cluster`, this process is one rank of a job across workers (runtime.machines): every
+    rank calls train alike, and the chief's (rank 0) resume or fork is every rank's start.
     """
     started = time.monotonic()
     workdir = Path(workdir)
@@ -122,12 +125,13 @@ def train(
     if tensorboard:
         emit = board.tee(emit)
     try:
-        with _placement(spec):
+        with _placement(spec, cluster):
             run = _Run(spec, emit, should_stop, workdir, paths or DataPaths(), started, job_id)
             run.handing_back = handing_back
             run.resume_upto = resume_upto
             run.fork, run.final_checkpoint = start_from, final_checkpoint
             run.models = models
+            run.across = cluster is not None
             result = run.execute(resume)
         emit(result)
     finally:
@@ -150,11 +154,13 @@ _XLA_ON_CPU = (
 )
 
 
-def _placement(spec: JobSpec):
+def _placement(spec: JobSpec, cluster: distribution.Cluster | None = None):
     """A device scope only to keep a job off a visible GPU: every backend already places
     work on the GPU it can see (and on PyTorch a device scope breaks the gradients). A job on
     several devices runs inside its strategy's scope: the model, its optimizer, metrics and
     evaluation model are built there, with a copy of each variable on every device."""
+    if cluster is not None:
+        return distribution.multi_worker(cluster).scope()
     if spec.runtime.devices > 1:
         return distribution.strategy(spec.runtime.devices, spec.runtime.device).scope()
     if spec.runtime.device == "cpu":
@@ -256,6 +262,7 @@ class _Run:
         self.fork: ForkSource | None = None  # see train()
         self.final_checkpoint = False  # see train()
         self.models: ModelCache | None = None  # see train()
+        self.across = False  # one rank of a job across workers (train's cluster)
         self.saved_step: int | None = None  # the step of the last checkpoint written
         self.workdir: Path = workdir
         self.paths: DataPaths = paths
@@ -314,13 +321,16 @@ class _Run:
         if spec.runtime.devices > 1:
             import tensorflow as tf
 
-            on = distribution.strategy_devices(tf.distribute.get_strategy())
+            strategy = tf.distribute.get_strategy()
+            on = distribution.strategy_devices(strategy)
+            n = strategy.num_replicas_in_sync
             self.log(
-                "data-parallel on %d devices (%s): global batch %d, %d per device",
-                len(on),
+                "data-parallel on %d devices (%s%s): global batch %d, %d per device",
+                n,
                 ", ".join(on),
+                f" on each of {spec.runtime.machines} workers" if self.across else "",
                 spec.training.batch_size,
-                spec.training.batch_size // len(on),
+                spec.training.batch_size // n,
             )
         self.log(
             "built %s model: %s parameters; %d steps, %d per device call%s%s",
@@ -335,6 +345,12 @@ class _Run:
         start = self._resume(model) if resume else 0
         if start == 0 and self.fork is not None:
             start = self._fork(model)
+        if self.across:
+            import tensorflow as tf
+
+            start = distribution.from_chief(
+                tf.distribute.get_strategy(), [*model.variables, *model.optimizer.variables], start
+            )
         for r in self.recorders:
             r.count.assign(0)
         result = self._fit(start)
@@ -375,9 +391,12 @@ class _Run:
         if spec.runtime.devices > 1:
             import tensorflow as tf
 
+            strategy = tf.distribute.get_strategy()
             model.train_function, compiled.steps_left = distribution.train_function(
-                model, window, tf.distribute.get_strategy()
+                model, window, strategy
             )
+            if distribution.across_workers(strategy):
+                distribution.build_locally(model, strategy)
         return compiled
 
     def _shape_key(self, model: keras.Model, data: Data) -> str | None:
@@ -626,6 +645,14 @@ class _Run:
                 # Several outputs: each gets the metrics, reported as <output>_<metric>.
                 metrics={n: asked() for n in self.eval_model.output_names} if several else asked(),
             )
+            if self.across:
+                import tensorflow as tf
+
+                strategy = tf.distribute.get_strategy()
+                self.eval_model.test_function = distribution.test_function(
+                    self.eval_model, strategy
+                )
+                distribution.build_locally(self.eval_model, strategy)
         _sync(self.model)
         if y is None:  # a tf.data dataset of batches
             values = self.eval_model.evaluate(x, verbose=0, return_dict=True)
@@ -739,14 +766,20 @@ class _StepStream(keras.callbacks.Callback):
 
     def _after_window(self) -> None:
         run, step, t = self.run, self.step, self.run.spec.training
-        if run.should_stop():
+        stop = run.should_stop()
+        late = run.deadline is not None and time.monotonic() > run.deadline
+        if run.across:  # every rank stops at the same step, or none does
+            import tensorflow as tf
+
+            stop, late = distribution.agreed(tf.distribute.get_strategy(), [stop, late])
+        if stop:
             if run.handing_back() and step > self.start:
                 run.checkpoint(step)
                 self._stop("cancelled", "handed_back")
                 return
             self._stop("cancelled", "cancelled")
             return
-        if run.deadline is not None and time.monotonic() > run.deadline:
+        if late:
             self._stop(
                 "failed",
                 "max_duration_exceeded",

@@ -47,11 +47,13 @@ from stepstream_service.store.artifacts import (
 )
 from stepstream_service.store.errors import StorageQuotaExceeded
 from stepstream_service.store.fairshare import FairShare
+from stepstream_service.store.gangs import GangPart
 from stepstream_service.store.quota import check_quota, count_artifacts
 from stepstream_service.store.wakeups import Wakeups
 from stepstream_service.store.workers import device_count
 
 if TYPE_CHECKING:  # the engine imports the framework: the worker loads it once, in main()
+    from stepstream_service.engine.distribution import Cluster
     from stepstream_service.engine.trainer import ForkSource
 
 log = logging.getLogger(__name__)
@@ -259,11 +261,14 @@ class Worker:
             ModelCache(settings.model_cache_mib << 20) if settings.model_cache_mib else None
         )
         self.share = FairShare.of(settings)
+        self.live_within = 3 * settings.worker_seen_seconds
 
     def run(self) -> None:
         # Measured once the framework is loaded: what is left is what a job can ever have.
         self.memory = footprint.worker_memory(self.gpus)
-        self.store.register_worker(self.id, socket.gethostname(), self.devices, self.memory)
+        self.store.register_worker(
+            self.id, socket.gethostname(), self.devices, self.memory, self._gang_address()
+        )
         log.info(
             "worker %s: ready, devices %s, memory %s",
             self.id,
@@ -285,13 +290,19 @@ class Worker:
                     gpus=self.gpus,
                     devices=device_count(self.devices),
                     share=self.share,
+                    live_within=self.live_within,
                 )
+                part = self.store.gang_part(self.id) if job is None else None
                 if job is None and time.monotonic() - seen > self.settings.worker_seen_seconds:
                     self.store.worker_seen(self.id)
                     seen = time.monotonic()
             except Exception as exc:  # the store may be restarting; jobs wait in it meanwhile
                 log.warning("worker %s: claiming failed (%s); retrying", self.id, exc)
                 self.stopping.wait(1.0)
+                continue
+            if part is not None:
+                self.run_part(part)
+                seen = time.monotonic()
                 continue
             if job is None:
                 self.wakeups.wait(QUEUE_CHANNEL, idle, until=self.stopping)
@@ -307,6 +318,70 @@ class Worker:
         with contextlib.suppress(Exception):
             self.store.worker_seen(self.id, stopped=True)
         log.info("worker %s: stopped", self.id)
+
+    def _gang_address(self) -> str:
+        """Where a gang's replicas reach this worker's: a port free now, which its rank's
+        process listens on while it serves a gang."""
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        return f"{self.settings.gang_host or socket.gethostname()}:{port}"
+
+    def _cluster(self, spec: JobSpec, addresses: list[str], rank: int) -> Cluster:
+        from stepstream_service.engine.distribution import Cluster
+
+        gpus = spec.runtime.devices // spec.runtime.machines if self.gpus else 0
+        return Cluster(tuple(addresses), rank, gpus, self.settings.gang_timeout_seconds)
+
+    def run_part(self, part: GangPart) -> None:
+        """Serve as one rank of a gang led by another worker, until its attempt is over: the
+        chief holds the lease and reports; this rank trains its share and reports nothing."""
+        from stepstream_service.runtime.gang import Rank, train_rank, watch_part
+
+        job = part.job
+        log.info(
+            "job %s: rank %d of %d on worker %s", job.id, part.rank, len(part.addresses), self.id
+        )
+        workdir = self.settings.data_dir / "gangs" / f"{job.id}-rank{part.rank}"
+        done = threading.Event()
+        seen = [time.monotonic()]
+
+        def live() -> bool:  # and this worker is alive, though busy
+            if time.monotonic() - seen[0] > self.settings.worker_seen_seconds:
+                self.store.worker_seen(self.id)
+                seen[0] = time.monotonic()
+            return self.store.part_live(job.id, part.attempt)
+
+        over = watch_part(live, self.settings.heartbeat_seconds, done)
+        try:
+            spec = JobSpec.parse(job.spec)
+            self._inputs(job, spec, workdir)
+            rank = Rank(
+                spec=job.spec,
+                cluster=self._cluster(spec, part.addresses, part.rank),
+                workdir=workdir,
+                paths=self.paths,
+                job_id=job.id,
+                # Saving a model reads it through collectives: every rank saves where the
+                # chief does.
+                final_checkpoint=True,
+            )
+            stopping = self.stopping.is_set
+            result = train_rank(
+                self.settings, rank, lambda _: None, stopping, stopping, over.is_set
+            )
+            log.info(
+                "job %s: rank %d: %s (%s)", job.id, part.rank, result.outcome, result.stop_reason
+            )
+        except TrainerError as exc:  # the chief reports the job's outcome
+            log.warning("job %s: rank %d: %s", job.id, part.rank, exc)
+        except Exception:
+            log.exception("job %s: rank %d failed", job.id, part.rank)
+        finally:
+            done.set()
+            shutil.rmtree(workdir, ignore_errors=True)
+            with contextlib.suppress(*STORE_DOWN):
+                self.store.leave_gang(self.id, part)
 
     def _retirement(self, grown_mib: int) -> str | None:
         s = self.settings
@@ -430,28 +505,32 @@ class Worker:
 
     def _run(self, job: Job, run: _JobRun, source: ForkSource | None = None) -> None:
         from stepstream_service.engine.trainer import NoGPU, train
+        from stepstream_service.runtime.gang import ReplicaLost
 
         try:
             spec = JobSpec.parse(job.spec)
             self._inputs(job, spec, run.workdir)
             self._check_memory(job, spec)
             try:
-                result = train(
-                    spec,
-                    run.emit,
-                    run.should_stop,
-                    workdir=run.workdir,
-                    paths=self.paths,
-                    resume=job.attempts > 1,
-                    # The history stored ends at job.step: a checkpoint past it would leave a
-                    # hole.
-                    resume_upto=job.step,
-                    job_id=job.id,
-                    handing_back=lambda: self.stopping.is_set() and not run.cancel,
-                    start_from=source,
-                    final_checkpoint=True,
-                    models=self.models,
-                )
+                if spec.runtime.machines > 1:
+                    result = self._lead_gang(job, spec, run, source)
+                else:
+                    result = train(
+                        spec,
+                        run.emit,
+                        run.should_stop,
+                        workdir=run.workdir,
+                        paths=self.paths,
+                        resume=job.attempts > 1,
+                        # The history stored ends at job.step: a checkpoint past it would leave a
+                        # hole.
+                        resume_upto=job.step,
+                        job_id=job.id,
+                        handing_back=lambda: self.stopping.is_set() and not run.cancel,
+                        start_from=source,
+                        final_checkpoint=True,
+                        models=self.models,
+                    )
             finally:  # whatever was written, however the run ended
                 self._keep_tensorboard(job, run.workdir)
             result = run.settled(result)
@@ -462,6 +541,9 @@ class Worker:
                 self.artifacts.put(Path(result.model_path), key)
                 self._export(job, spec, run, Path(result.model_path))
                 result = dataclasses.replace(result, model_path=key)
+        except ReplicaLost as exc:
+            self._retry(run, exc)
+            return
         except (TrainerError, NoGPU, SpecError) as exc:
             self._fail(run, getattr(exc, "reason", "invalid_spec"), str(exc))
             return
@@ -483,6 +565,52 @@ class Worker:
         if run.lost:
             return
         self._finish(run, result)
+
+    def _lead_gang(
+        self, job: Job, spec: JobSpec, run: _JobRun, source: ForkSource | None
+    ) -> ResultEvent:
+        """Train as the chief (rank 0) of the gang the claim gathered."""
+        from stepstream_service.runtime.gang import Rank, train_rank
+
+        rank = Rank(
+            spec=job.spec,
+            cluster=self._cluster(spec, job.gang or [], 0),
+            workdir=run.workdir,
+            paths=self.paths,
+            job_id=job.id,
+            resume=job.attempts > 1,
+            resume_upto=job.step,
+            final_checkpoint=True,
+            start_from=source,
+        )
+        log.info(
+            "job %s: leads a gang of %d: %s",
+            job.id,
+            len(rank.cluster.addresses),
+            ", ".join(rank.cluster.addresses),
+        )
+        return train_rank(
+            self.settings,
+            rank,
+            run.emit,
+            run.should_stop,
+            lambda: self.stopping.is_set() and not run.cancel,
+            lambda: run.lost,
+        )
+
+    def _retry(self, run: _JobRun, exc: TrainerError) -> None:
+        """A replica was lost: the whole job goes back to the queue to resume from its last
+        checkpoint on a gang gathered anew, or fails once its attempts are used up."""
+        job = run.job
+        if job.attempts >= job.max_attempts:
+            self._fail(run, exc.reason, f"{exc}; attempts used up ({job.max_attempts})")
+            return
+        message = f"{exc}; the job goes back to the queue to resume from its last checkpoint"
+        log.warning("job %s: %s", job.id, message)
+        run.emit(LogEvent(message, time.time(), level="warning"))
+        run.flush()
+        with contextlib.suppress(LeaseLost):
+            self._finish_when_stored(job.id, JobState.QUEUED)
 
     def _keep_final_state(self, job: Job, workdir: Path) -> None:
         """The checkpoint of the last step (which no event announced, see train) to the
@@ -546,7 +674,9 @@ class Worker:
                     test_metrics=json.dumps(result.test_metrics),
                 )
             elif result.outcome == "cancelled" and (run.cancel or not self.stopping.is_set()):
-                self._finish_when_stored(job_id, JobState.CANCELLED)
+                # A gang hands back when one of its members is shutting down.
+                handed = result.stop_reason == "handed_back" and not run.cancel
+                self._finish_when_stored(job_id, JobState.QUEUED if handed else JobState.CANCELLED)
             elif result.outcome == "cancelled":
                 # Stopped because this worker is shutting down: hand the job back.
                 self._finish_when_stored(job_id, JobState.QUEUED)

@@ -80,6 +80,8 @@ class Job:
     tenant: str = ""
     stored_bytes: int = 0
     devices: int = 1
+    machines: int = 1
+    gang: list[str] | None = None  # the addresses of its replicas while a gang runs it
 
     @property
     def terminal(self) -> bool:
@@ -98,6 +100,7 @@ class Job:
         d["labels"] = json.loads(d["labels"])
         d["test_metrics"] = json.loads(d["test_metrics"])
         d["state"] = JobState(d["state"])
+        d["gang"] = json.loads(d["gang"]) if d.get("gang") else None
         d["cancel_requested"] = bool(d["cancel_requested"])
         return cls(**d)
 
@@ -117,6 +120,7 @@ class NewJob:
     needs: str = "any"  # "gpu": only a worker with a GPU claims it
     tenant: str = ""
     devices: int = 1  # only a worker holding this many devices claims it
+    machines: int = 1  # or, when more than 1, that many workers holding their share each
 
 
 def new_job_id() -> str:
@@ -201,6 +205,7 @@ class Jobs(EventLog, Database):
                 needs=new.needs,
                 tenant=new.tenant,
                 devices=new.devices,
+                machines=new.machines,
             )
         )
         self._append(conn, job_id, [NewEvent.of(StateEvent(JobState.QUEUED, 0, time.time()))])

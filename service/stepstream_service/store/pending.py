@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from stepstream.kernel.states import JobState
 from stepstream_service.store.fairshare import FairShare, Usage, Waiting
+from stepstream_service.store.gangs import gang_devices, per_machine
 from stepstream_service.store.jobs import Job
 from stepstream_service.store.schema import jobs
 from stepstream_service.store.workers import WorkerInfo, device_count
@@ -73,6 +74,8 @@ def _reason(
     kind = [w for w in live if w.gpus] if job.needs == "gpu" else live
     if not kind:
         return "no worker with a GPU has registered"
+    if job.machines > 1:
+        return _gang_reason(store, job, kind, share, usage, position)
     n = job.devices
     wanted = f"{n} device{'s' if n != 1 else ''}"
     capable = [w for w in kind if _holds(w) >= n]
@@ -86,6 +89,32 @@ def _reason(
     if all(w.id in busy for w in capable):
         free = sum(_holds(w) for w in kind if w.id not in busy)
         return f"waiting for {wanted}, {free} free"
+    ahead = position - 1
+    if ahead:
+        return f"{ahead} job{'s' if ahead != 1 else ''} ahead of it"
+    return "next to start"
+
+
+def _gang_reason(
+    store: Store,
+    job: Job,
+    kind: list[WorkerInfo],
+    share: FairShare,
+    usage: dict[str, Usage],
+    position: int,
+) -> str:
+    per = per_machine(job)
+    wanted = f"{job.machines} workers with {per} device{'s' if per != 1 else ''} each"
+    able = [w for w in kind if w.address and gang_devices(w.gpus) >= per]
+    if len(able) < job.machines:
+        return f"waiting for {wanted}; {len(able)} such registered"
+    held = usage.get(job.tenant, Usage())
+    if share.capped(held):
+        return f"tenant quota: {held.jobs} of {share.max_running} running"
+    busy = store.busy_workers()
+    idle = sum(1 for w in able if w.id not in busy)
+    if idle < job.machines:
+        return f"waiting for {wanted}, {idle} idle"
     ahead = position - 1
     if ahead:
         return f"{ahead} job{'s' if ahead != 1 else ''} ahead of it"

@@ -14,11 +14,12 @@ from stepstream.kernel.states import JobState
 from stepstream_service.store.errors import LeaseLost
 from stepstream_service.store.events import NewEvent
 from stepstream_service.store.fairshare import EVEN, FairShare, Usage, Waiting
-from stepstream_service.store.jobs import Job, Jobs
+from stepstream_service.store.gangs import Gangs
+from stepstream_service.store.jobs import QUEUE_CHANNEL, Job, Jobs
 from stepstream_service.store.schema import jobs, workers
 
 
-class Queue(Jobs):
+class Queue(Jobs, Gangs):
     """Workers take jobs from here: fair share between tenants, then priority and age."""
 
     def claim(
@@ -29,30 +30,42 @@ class Queue(Jobs):
         gpus: int = 0,
         devices: int = 1,
         share: FairShare = EVEN,
+        live_within: float = 15.0,
     ) -> Job | None:
         """Take the next queued job this worker can run (see store.fairshare for which), and
         lease it: one asking for at most `devices` devices, and none that needs a GPU when
-        the worker has none. All of a job's devices are the one worker's, so a job is claimed
+        the worker has none. A job on one worker has all its devices there, so it is claimed
         whole or not at all, and no job holds part of what it needs while it waits.
+
+        A job across several workers (runtime.machines) is led by the worker that claims it,
+        which takes idle workers (seen in the last `live_within` seconds) as the other ranks in
+        the same transaction (store.gangs). When too few are idle the job stays queued and this
+        worker takes nothing else: the gang at the head of its order reserves it, so a stream
+        of small jobs never starves a large one, and since an idle worker holds nothing, two
+        gangs never deadlock. A member of a gang that runs claims nothing.
 
         On PostgreSQL, rows another claimer holds are skipped (FOR UPDATE SKIP LOCKED), so many
         workers claim different jobs at once without waiting for each other.
         """
-        fits = (jobs.c.state == JobState.QUEUED.value) & (jobs.c.devices <= devices)
+        # One device each on a gang's other workers is what runtime.machines adds.
+        fits = (jobs.c.state == JobState.QUEUED.value) & (
+            jobs.c.devices <= devices * jobs.c.machines
+        )
         if gpus == 0:
             fits &= jobs.c.needs != "gpu"
         with self.engine.begin() as conn:
-            waiting = conn.execute(
-                sa.select(
-                    jobs.c.tenant, sa.func.max(jobs.c.priority), sa.func.min(jobs.c.queued_at)
-                )
-                .where(fits)
-                .group_by(jobs.c.tenant)
-            ).all()
+            if self._serving(conn, worker):
+                return None
+            waiting = self._waiting(conn, fits)
+            if any(row.machines > 1 for row in waiting):
+                passed = self._impossible(conn, worker, live_within)
+                if passed:
+                    fits &= jobs.c.id.not_in(passed)
+                    waiting = self._waiting(conn, fits)
             if not waiting:
                 return None
             order = share.order(
-                (Waiting(*row) for row in waiting),
+                (Waiting(*row[:3]) for row in waiting),
                 self.running_usage(conn) if len(waiting) > 1 or share.max_running else {},
             )
             for tenant in order:
@@ -66,6 +79,8 @@ class Queue(Jobs):
                 if row is None:  # another worker is taking it
                     continue
                 job = Job.from_row(row)
+                if job.machines > 1 and self._gather(conn, worker, job, live_within) is None:
+                    return None  # reserved for the gang: see above
                 self.transition(
                     conn,
                     job,
@@ -75,8 +90,24 @@ class Queue(Jobs):
                     lease_expires_at=time.time() + lease_seconds,
                     attempts=job.attempts + 1,
                 )
+                if job.machines > 1:
+                    self._notify(conn, QUEUE_CHANNEL, job.id)  # wakes the members
                 return self._get(conn, job.id)
             return None
+
+    def _waiting(self, conn: sa.Connection, fits: Any) -> list[Any]:
+        """Per tenant with a job that fits: its highest priority, its oldest queued time, and
+        the most workers one of them spans."""
+        return conn.execute(
+            sa.select(
+                jobs.c.tenant,
+                sa.func.max(jobs.c.priority),
+                sa.func.min(jobs.c.queued_at),
+                sa.func.max(jobs.c.machines).label("machines"),
+            )
+            .where(fits)
+            .group_by(jobs.c.tenant)
+        ).all()
 
     def running_usage(self, conn: sa.Connection) -> dict[str, Usage]:
         """Each tenant's running jobs and the devices they hold."""

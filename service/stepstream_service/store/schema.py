@@ -63,6 +63,9 @@ jobs = sa.Table(
     sa.Column("needs", sa.String(8), nullable=False, default="any", server_default="any"),
     # Devices it trains on (runtime.devices), all held by the one worker that claims it.
     sa.Column("devices", sa.Integer, nullable=False, default=1, server_default="1"),
+    # Workers it spans (runtime.machines); a gang's members, while it runs, are in `gang`.
+    sa.Column("machines", sa.Integer, nullable=False, default=1, server_default="1"),
+    sa.Column("gang", sa.Text),  # JSON list of "host:port", rank order; NULL for one worker
     sa.Column("worker", sa.String(128)),  # the last attempt's worker; the lease is cleared
     # "" when the server runs without authentication; else the token's tenant.
     sa.Column("tenant", sa.String(64), nullable=False, default="", server_default=""),
@@ -102,6 +105,13 @@ workers = sa.Table(
     sa.Column("stopped_at", sa.Float),
     # What a job must fit in on it (its GPU's memory, else its container's limit); unknown: NULL.
     sa.Column("memory_bytes", sa.BigInteger),
+    # Where a gang's replicas reach it ("host:port"); NULL: it joins no gang.
+    sa.Column("address", sa.String(300)),
+    # The gang it is a member of: the job, its attempt, and its rank (the chief, rank 0,
+    # holds the job's lease instead).
+    sa.Column("gang_job", sa.String(64)),
+    sa.Column("gang_attempt", sa.Integer),
+    sa.Column("gang_rank", sa.Integer),
 )
 
 experiments = sa.Table(

@@ -9,9 +9,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from stepstream.kernel.states import JobState
 from stepstream_service.store.database import Database
-from stepstream_service.store.schema import jobs, workers
+from stepstream_service.store.schema import workers
 
 
 @dataclass(frozen=True)
@@ -24,6 +23,10 @@ class WorkerInfo:
     seen_at: float
     stopped_at: float | None
     memory_bytes: int | None = None  # what a job must fit in on it; None: not told
+    address: str | None = None  # where a gang's replicas reach it; None: it joins none
+    gang_job: str | None = None  # the gang it last served as a member (see store.gangs)
+    gang_attempt: int | None = None
+    gang_rank: int | None = None
 
 
 def device_count(devices: list[str]) -> int:
@@ -37,10 +40,16 @@ class Workers(Database):
     """The workers table."""
 
     def register_worker(
-        self, worker: str, host: str, devices: list[str], memory_bytes: int | None = None
+        self,
+        worker: str,
+        host: str,
+        devices: list[str],
+        memory_bytes: int | None = None,
+        address: str | None = None,
     ) -> None:
         """A worker says which devices it has, at start-up; claims use it to place GPU jobs.
-        `memory_bytes` is what a job must fit in on it; submit refuses a job no worker holds."""
+        `memory_bytes` is what a job must fit in on it; submit refuses a job no worker holds.
+        `address` ("host:port") is where a gang's replicas reach it; None: it joins none."""
         now = time.time()
         gpus = sum(1 for d in devices if "GPU" in d.upper())
         values = dict(
@@ -50,6 +59,10 @@ class Workers(Database):
             seen_at=now,
             stopped_at=None,
             memory_bytes=memory_bytes,
+            address=address,
+            gang_job=None,
+            gang_attempt=None,
+            gang_rank=None,
         )
         with self.engine.begin() as conn:
             done = conn.execute(workers.update().where(workers.c.id == worker).values(**values))
@@ -74,13 +87,3 @@ class Workers(Database):
                 .order_by(workers.c.id)
             )
             return [WorkerInfo(**{**r._mapping, "devices": json.loads(r.devices)}) for r in rows]
-
-    def busy_workers(self) -> set[str]:
-        with self.reader.connect() as conn:
-            rows = conn.execute(
-                sa.select(jobs.c.lease_owner).where(
-                    jobs.c.state.in_([JobState.RUNNING.value, JobState.CANCELLING.value])
-                    & jobs.c.lease_owner.is_not(None)
-                )
-            )
-            return {r[0] for r in rows}
