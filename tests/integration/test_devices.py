@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -127,7 +128,8 @@ def test_two_gangs_on_three_devices_both_finish(start_service, tmp_path):
 
 # Jobs across workers (runtime.machines): two worker processes of one server stand in for two
 # machines; their replicas talk over gRPC on loopback.
-ACROSS = {"gang_host": "127.0.0.1", "gang_timeout_seconds": 15}
+# Idle workers say they are alive every second: a killed one is soon passed over.
+ACROSS = {"gang_host": "127.0.0.1", "gang_timeout_seconds": 15, "worker_seen_seconds": 1}
 DATA = {
     "name": "synthetic_classification",
     "num_samples": 1216,
@@ -164,3 +166,59 @@ def test_a_job_across_two_workers_trains_as_one_device_does(start_service):
     assert abs(info.test_metrics["accuracy"] - one.test_metrics["accuracy"]) <= 0.01
     evals = [e for e in events if e.kind == "eval"]
     assert [e.step for e in evals] == [50, 100, 150]
+
+
+def worker_ids(svc) -> dict[str, int]:
+    """Each worker process of the server by its worker id."""
+    out = {}
+    for pid in svc.worker_pids():
+        args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        out[args[args.index("--worker-id") + 1]] = pid
+    return out
+
+
+def test_a_gang_whose_member_dies_resumes_from_its_checkpoint_on_a_new_gang(start_service):
+    svc = start_service(workers=2, **ACROSS)
+    with TrainingClient(svc.address) as c:
+        job = c.submit(across(2, 3000, "survivor", checkpoint_every=100))
+        wait_for_step(job, 250, timeout=180)
+        chief = job.info().worker
+        (member,) = [pid for wid, pid in worker_ids(svc).items() if wid != chief]
+        os.kill(member, signal.SIGKILL)  # its rank dies with it; the supervisor starts anew
+        info = job.wait(timeout=400)
+        events = list(job.stream())
+    assert info.state == "SUCCEEDED", info.failure
+    assert info.attempts == 2
+    logs = logs_of(events)
+    assert any("back to the queue to resume from its last checkpoint" in m for m in logs)
+    resumed = [m for m in logs if m.startswith("resumed from checkpoint at step")]
+    assert len(resumed) == 1 and int(resumed[0].rsplit(" ", 1)[1]) >= 200
+    assert set(steps_of(events)) == set(range(1, 3001))
+
+
+def test_a_gang_is_cancelled_whole_and_its_workers_are_free_again(start_service):
+    svc = start_service(workers=2, **ACROSS)
+    with TrainingClient(svc.address) as c:
+        job = c.submit(across(2, 100000, "cancelled"))
+        wait_for_step(job, 50, timeout=180)
+        job.cancel()
+        info = job.wait(timeout=120)
+        # Both workers are free: two jobs run side by side after it.
+        after = [c.submit(classes(20, f"after{i}")) for i in range(2)]
+        done = [j.wait(timeout=120) for j in after]
+    assert info.state == "CANCELLED"
+    assert [d.state for d in done] == ["SUCCEEDED"] * 2
+    assert {d.worker for d in done} == set(worker_ids(svc))
+
+
+def test_a_gang_waiting_for_workers_says_how_many(start_service):
+    svc = start_service(workers=1, **ACROSS)
+    with TrainingClient(svc.address) as c:
+        job = c.submit(across(2, 30, "waits"))
+        svc.wait_for_workers(1)
+        want = "waiting for 2 workers with 1 device each; 1 such registered"
+        end = time.monotonic() + 60
+        while job.info().pending_reason != want and time.monotonic() < end:
+            time.sleep(0.1)  # the worker registers once TensorFlow is loaded
+        info = job.info()
+    assert info.state == "QUEUED" and info.pending_reason == want

@@ -233,12 +233,21 @@ def agreed(distribution, flags: list[bool]) -> list[bool]:
     import tensorflow as tf
 
     mine = tf.constant([int(f) for f in flags], tf.int32)
-    anyone = distribution.reduce(
-        tf.distribute.ReduceOp.SUM,
-        distribution.run(lambda: tf.identity(mine)),
-        axis=None,
-    )
-    return [bool(v) for v in anyone.numpy()]
+    return [bool(v) for v in _agreement(distribution)(mine).numpy()]
+
+
+@functools.cache
+def _agreement(distribution):
+    """One traced all-reduce per strategy: run eagerly, each call would start threads of its
+    own, and a long job runs out of them."""
+    import tensorflow as tf
+
+    @tf.function
+    def function(mine):
+        per_replica = distribution.run(lambda: tf.identity(mine))
+        return distribution.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return function
 
 
 def short(device: str) -> str:

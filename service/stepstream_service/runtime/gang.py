@@ -14,6 +14,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +86,10 @@ def train_rank(
     outcome: tuple | None = None
     try:
         while outcome is None:
-            if ours.poll(0.2):
+            # Everything the child has sent, then the checks: should_stop also tells the
+            # event writer a window is in, so it runs at least every poll, never starved.
+            waiting = ours.poll(0.1)
+            while waiting and outcome is None:
                 try:
                     message = ours.recv()
                 except EOFError:
@@ -94,7 +98,9 @@ def train_rank(
                     emit(message[1])
                 else:
                     outcome = message
-                continue
+                waiting = ours.poll(0)
+            if outcome is not None:
+                break
             if abandon():
                 log.info("job %s: rank %d abandoned", rank.job_id, rank.cluster.rank)
                 break
@@ -111,7 +117,9 @@ def train_rank(
         ours.close()
     if outcome is None:
         raise ReplicaLost(
-            f"rank {rank.cluster.rank} of the job ended without a result "
+            "a replica of the job is gone"
+            if abandon()
+            else f"rank {rank.cluster.rank} of the job ended without a result "
             f"(its process exited with {child.exitcode})"
         )
     if outcome[0] == "result":
@@ -124,9 +132,15 @@ def train_rank(
 
 def _rank_main(settings: Settings, rank: Rank, conn, stop, hand) -> None:
     """The child: one rank's train(), then its outcome down the pipe."""
+    from stepstream_service.runtime.slots import die_with_parent
     from stepstream_service.runtime.worker import LOG_FORMAT
 
+    # A worker killed outright takes its rank with it: its peers then see it gone.
+    die_with_parent(os.getppid(), signal.SIGKILL)
+
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    # TensorFlow's collectives log each all-reduce they set up at INFO.
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
     who = f"{rank.job_id}-rank{rank.cluster.rank}"
     outcome: tuple
     try:
@@ -146,7 +160,6 @@ def _rank_main(settings: Settings, rank: Rank, conn, stop, hand) -> None:
             resume_upto=rank.resume_upto,
             job_id=rank.job_id,
             handing_back=hand.is_set,
-            tensorboard=rank.cluster.rank == 0,
             start_from=rank.start_from,
             final_checkpoint=rank.final_checkpoint,
             cluster=rank.cluster,
@@ -170,7 +183,7 @@ def _failure(rank: Rank, exc: Exception) -> tuple[str, str, str]:
         return (
             "error",
             ReplicaLost.reason,
-            f"a replica of the job stopped answering ({name}) at rank {rank.cluster.rank}",
+            f"a replica of the job stopped answering ({name})",
         )
     reason = getattr(exc, "reason", None)
     if isinstance(reason, str):

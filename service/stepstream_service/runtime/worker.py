@@ -353,18 +353,24 @@ class Worker:
             return self.store.part_live(job.id, part.attempt)
 
         over = watch_part(live, self.settings.heartbeat_seconds, done)
+        source = None
         try:
             spec = JobSpec.parse(job.spec)
             self._inputs(job, spec, workdir)
+            # Loading and saving a model read it through collectives, so every rank loads the
+            # chief's checkpoint (or the one it forks) and saves where the chief does.
+            self._attempt(job, workdir)
+            source = self._fork_source(job, workdir)
             rank = Rank(
                 spec=job.spec,
                 cluster=self._cluster(spec, part.addresses, part.rank),
                 workdir=workdir,
                 paths=self.paths,
                 job_id=job.id,
-                # Saving a model reads it through collectives: every rank saves where the
-                # chief does.
+                resume=job.attempts > 1,
+                resume_upto=job.step,
                 final_checkpoint=True,
+                start_from=source,
             )
             stopping = self.stopping.is_set
             result = train_rank(
@@ -380,8 +386,8 @@ class Worker:
         finally:
             done.set()
             shutil.rmtree(workdir, ignore_errors=True)
-            with contextlib.suppress(*STORE_DOWN):
-                self.store.leave_gang(self.id, part)
+            if source is not None:
+                shutil.rmtree(source.folder, ignore_errors=True)
 
     def _retirement(self, grown_mib: int) -> str | None:
         s = self.settings
@@ -569,8 +575,10 @@ class Worker:
     def _lead_gang(
         self, job: Job, spec: JobSpec, run: _JobRun, source: ForkSource | None
     ) -> ResultEvent:
-        """Train as the chief (rank 0) of the gang the claim gathered."""
-        from stepstream_service.runtime.gang import Rank, train_rank
+        """Train as the chief (rank 0) of the gang the claim gathered. A member gone (its
+        worker started anew, or no longer seen) ends the attempt at once: a rank waiting for a
+        peer to join would wait for ever."""
+        from stepstream_service.runtime.gang import Rank, train_rank, watch_part
 
         rank = Rank(
             spec=job.spec,
@@ -589,14 +597,24 @@ class Worker:
             len(rank.cluster.addresses),
             ", ".join(rank.cluster.addresses),
         )
-        return train_rank(
-            self.settings,
-            rank,
-            run.emit,
-            run.should_stop,
-            lambda: self.stopping.is_set() and not run.cancel,
-            lambda: run.lost,
+        members = len(rank.cluster.addresses) - 1
+        done = threading.Event()
+        gone = watch_part(
+            lambda: self.store.gang_intact(job.id, job.attempts, members, self.live_within),
+            self.settings.heartbeat_seconds,
+            done,
         )
+        try:
+            return train_rank(
+                self.settings,
+                rank,
+                run.emit,
+                run.should_stop,
+                lambda: self.stopping.is_set() and not run.cancel,
+                lambda: run.lost or gone.is_set(),
+            )
+        finally:
+            done.set()
 
     def _retry(self, run: _JobRun, exc: TrainerError) -> None:
         """A replica was lost: the whole job goes back to the queue to resume from its last
@@ -609,6 +627,8 @@ class Worker:
         log.warning("job %s: %s", job.id, message)
         run.emit(LogEvent(message, time.time(), level="warning"))
         run.flush()
+        # Once a dead member no longer looks alive: the next gang is gathered without it.
+        self.stopping.wait(self.live_within)
         with contextlib.suppress(LeaseLost):
             self._finish_when_stored(job.id, JobState.QUEUED)
 

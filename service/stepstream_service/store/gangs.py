@@ -173,15 +173,18 @@ class Gangs(Database):
         with self.reader.connect() as conn:
             return self._part_live(conn, job_id, attempt)
 
-    def leave_gang(self, worker: str, part: GangPart) -> None:
-        """The member is done with its part (its row may already name a newer one)."""
-        with self.engine.begin() as conn:
-            conn.execute(
-                workers.update()
-                .where(
-                    (workers.c.id == worker)
-                    & (workers.c.gang_job == part.job.id)
-                    & (workers.c.gang_attempt == part.attempt)
+    def gang_intact(self, job_id: str, attempt: int, members: int, within: float) -> bool:
+        """Whether every member of the gang's attempt still serves it: its row names the
+        attempt (a worker started anew has cleared it) and it was seen in the last `within`
+        seconds (one whose machine died is not)."""
+        since = time.time() - within
+        with self.reader.connect() as conn:
+            serving = conn.execute(
+                sa.select(sa.func.count()).where(
+                    (workers.c.gang_job == job_id)
+                    & (workers.c.gang_attempt == attempt)
+                    & (workers.c.seen_at >= since)
+                    & workers.c.stopped_at.is_(None)
                 )
-                .values(gang_job=None, gang_attempt=None, gang_rank=None)
-            )
+            ).scalar_one()
+        return serving == members
