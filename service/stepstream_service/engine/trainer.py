@@ -767,16 +767,19 @@ class _StepStream(keras.callbacks.Callback):
     def _after_window(self) -> None:
         run, step, t = self.run, self.step, self.run.spec.training
         stop = run.should_stop()
+        # Its process is shutting down, not cancelling: the next attempt resumes from here.
+        hand = stop and run.handing_back()
         late = run.deadline is not None and time.monotonic() > run.deadline
         if run.across:  # every rank stops at the same step, or none does
             import tensorflow as tf
 
-            stop, late = distribution.agreed(tf.distribute.get_strategy(), [stop, late])
-        if stop:
-            if run.handing_back() and step > self.start:
+            stop, hand, late = distribution.agreed(tf.distribute.get_strategy(), [stop, hand, late])
+        if hand:
+            if step > self.start:
                 run.checkpoint(step)
-                self._stop("cancelled", "handed_back")
-                return
+            self._stop("cancelled", "handed_back")
+            return
+        if stop:
             self._stop("cancelled", "cancelled")
             return
         if late:
