@@ -325,6 +325,8 @@ def test_resume_from_a_checkpoint_continues_the_same_run(tmp_path):
         "dataset": CLASSES,
         "optimizer": "adam",
         "training": {"steps": 40, "batch_size": 8, "checkpoint_every": 10},
+        # Windows of 10 steps whatever the machine's speed ("auto" sizes them by time).
+        "runtime": {"steps_per_execution": 10},
     }
     whole, whole_events = run(spec, tmp_path, workdir=tmp_path / "whole")
     assert [e.step for e in whole_events if e.kind == "checkpoint"] == [10, 20, 30]

@@ -524,6 +524,18 @@ BAD_SPECS = [
         "runtime.steps_per_execution",
         "greater than 0, or 'auto'",
     ),
+    (
+        "devices-not-split-over-machines",
+        {"runtime": {"devices": 3, "machines": 2}, "training": {"batch_size": 30}},
+        "runtime.devices",
+        "do not split evenly over runtime.machines 2",
+    ),
+    (
+        "too-many-machines",
+        {"runtime": {"devices": 34, "machines": 17}},
+        "runtime.machines",
+        "less than or equal to 16",
+    ),
 ]
 
 
