@@ -53,8 +53,8 @@ from stepstream_service.store.wakeups import Wakeups
 from stepstream_service.store.workers import device_count
 
 if TYPE_CHECKING:  # the engine imports the framework: the worker loads it once, in main()
-    from stepstream_service.engine.distribution import Cluster
     from stepstream_service.engine.trainer import ForkSource
+    from stepstream_service.runtime.gang import Rank
 
 log = logging.getLogger(__name__)
 # The database is restarting or unreachable: what the worker has is kept and written later.
@@ -327,16 +327,38 @@ class Worker:
             port = probe.getsockname()[1]
         return f"{self.settings.gang_host or socket.gethostname()}:{port}"
 
-    def _cluster(self, spec: JobSpec, addresses: list[str], rank: int) -> Cluster:
+    def _rank(
+        self,
+        job: Job,
+        spec: JobSpec,
+        addresses: list[str],
+        rank: int,
+        workdir: Path,
+        source: ForkSource | None,
+    ) -> Rank:
+        """What rank `rank` of a gang trains with. Loading and saving a model read it through
+        collectives, so every rank resumes from the same checkpoint (or forks the same one)
+        and saves where the others do."""
         from stepstream_service.engine.distribution import Cluster
+        from stepstream_service.runtime.gang import Rank
 
         gpus = spec.runtime.devices // spec.runtime.machines if self.gpus else 0
-        return Cluster(tuple(addresses), rank, gpus, self.settings.gang_timeout_seconds)
+        return Rank(
+            spec=job.spec,
+            cluster=Cluster(tuple(addresses), rank, gpus, self.settings.gang_timeout_seconds),
+            workdir=workdir,
+            paths=self.paths,
+            job_id=job.id,
+            resume=job.attempts > 1,
+            resume_upto=job.step,
+            final_checkpoint=True,
+            start_from=source,
+        )
 
     def run_part(self, part: GangPart) -> None:
         """Serve as one rank of a gang led by another worker, until its attempt is over: the
         chief holds the lease and reports; this rank trains its share and reports nothing."""
-        from stepstream_service.runtime.gang import Rank, train_rank, watch_part
+        from stepstream_service.runtime.gang import train_rank, watch_part
 
         job = part.job
         log.info(
@@ -357,21 +379,9 @@ class Worker:
         try:
             spec = JobSpec.parse(job.spec)
             self._inputs(job, spec, workdir)
-            # Loading and saving a model read it through collectives, so every rank loads the
-            # chief's checkpoint (or the one it forks) and saves where the chief does.
-            self._attempt(job, workdir)
+            self._attempt(job, workdir)  # the chief's checkpoint, which this rank loads too
             source = self._fork_source(job, workdir)
-            rank = Rank(
-                spec=job.spec,
-                cluster=self._cluster(spec, part.addresses, part.rank),
-                workdir=workdir,
-                paths=self.paths,
-                job_id=job.id,
-                resume=job.attempts > 1,
-                resume_upto=job.step,
-                final_checkpoint=True,
-                start_from=source,
-            )
+            rank = self._rank(job, spec, part.addresses, part.rank, workdir, source)
             stopping = self.stopping.is_set
             result = train_rank(
                 self.settings, rank, lambda _: None, stopping, stopping, over.is_set
@@ -578,19 +588,9 @@ class Worker:
         """Train as the chief (rank 0) of the gang the claim gathered. A member gone (its
         worker started anew, or no longer seen) ends the attempt at once: a rank waiting for a
         peer to join would wait for ever."""
-        from stepstream_service.runtime.gang import Rank, train_rank, watch_part
+        from stepstream_service.runtime.gang import train_rank, watch_part
 
-        rank = Rank(
-            spec=job.spec,
-            cluster=self._cluster(spec, job.gang or [], 0),
-            workdir=run.workdir,
-            paths=self.paths,
-            job_id=job.id,
-            resume=job.attempts > 1,
-            resume_upto=job.step,
-            final_checkpoint=True,
-            start_from=source,
-        )
+        rank = self._rank(job, spec, job.gang or [], 0, run.workdir, source)
         log.info(
             "job %s: leads a gang of %d: %s",
             job.id,
