@@ -135,6 +135,7 @@ _SERVICE_FLAGS = (
     "gpus",
     "gpus_per_worker",
     "cpu_devices",
+    "gang_host",
     "store",
     "data_dir",
     "host",
@@ -294,6 +295,12 @@ def _store_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="logical devices each CPU worker splits its CPU into (default 1)",
+    )
+    p.add_argument(
+        "--gang-host",
+        default=None,
+        help="the host other workers reach this one's replicas at, for jobs across workers "
+        "(runtime.machines; default this machine's name, or TRAINER_GANG_HOST)",
     )
     p.add_argument("--store", default=None, help="database URL (default: SQLite in --data-dir)")
     p.add_argument("--data-dir", default=None)
