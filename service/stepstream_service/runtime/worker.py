@@ -620,6 +620,8 @@ class Worker:
         """A replica was lost: the whole job goes back to the queue to resume from its last
         checkpoint on a gang gathered anew, or fails once its attempts are used up."""
         job = run.job
+        if run.lost:  # the job is no longer this worker's to put back
+            return
         if job.attempts >= job.max_attempts:
             self._fail(run, exc.reason, f"{exc}; attempts used up ({job.max_attempts})")
             return
