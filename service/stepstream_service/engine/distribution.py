@@ -11,7 +11,7 @@ Across machines, MultiWorkerMirroredStrategy does the same over gRPC between one
 machine (a Cluster: every rank's address). Keras 3's own loops fail under it (they reduce
 scalars along an axis, and build the model from a batch averaged across the workers), so a job
 there runs on this module's train and test functions and builds from its local batch; every
-decision that ends or changes the run is agreed by all ranks (agreed), and each rank starts
+decision that ends or changes the run is agreed by all ranks (agreed), and every rank starts
 from the chief's variables (from_chief).
 
 Only the TensorFlow backend: the Keras distribution API's TensorFlow side is a stub, and JAX's
@@ -194,8 +194,10 @@ def test_function(model: keras.Model, distribution):
 
 
 def from_chief(distribution, variables: list, start: int) -> int:
-    """Give every rank the chief's values of `variables` and its first step: what it resumed
-    or forked from, which only the chief fetched."""
+    """Give every rank the chief's values of `variables` and its first step. Every rank has
+    resumed (or forked) from the same checkpoint already, since loading one is a collective
+    here; this makes sure they start alike even where a rank read something else, such as a
+    copy of the checkpoint that failed its check."""
     import tensorflow as tf
 
     tensors = [tf.convert_to_tensor(v.value) for v in variables]
@@ -211,9 +213,8 @@ def from_chief(distribution, variables: list, start: int) -> int:
         out = list(values)
         for indices in groups.values():
             kept = [tf.where(mine, values[i], tf.zeros_like(values[i])) for i in indices]
-            for i, value in zip(
-                indices, ctx.all_reduce(tf.distribute.ReduceOp.SUM, kept), strict=False
-            ):
+            summed = ctx.all_reduce(tf.distribute.ReduceOp.SUM, kept)
+            for i, value in zip(indices, summed, strict=True):
                 out[i] = value
         return out
 
